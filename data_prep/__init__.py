@@ -1,0 +1,1 @@
+"""Alpaca-style instruction set building. Importable without torch."""

@@ -1,0 +1,108 @@
+"""The model card: YAML front matter the Hub reads, and a body that tells the truth about the run.
+
+No absolute local paths and no secrets: data sources are shown by file name or hub id, and the card is built
+from the run's own records (provenance.json, eval/report.json, merge_check.json, training_summary.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .evaluate import report_markdown
+from .recipe import Recipe
+from .run import RunDir, read_json
+
+DISCLAIMERS = {
+    "medical": "This model is not a medical device and does not give medical advice. Outputs must be checked by a qualified clinician.",
+    "legal": "This model does not give legal advice and is no substitute for a qualified lawyer. Outputs must be checked before use.",
+    "math": "Answers can be wrong even when the reasoning looks right; verify results before relying on them.",
+}
+
+
+def _source_name(p: dict[str, Any]) -> str:
+    return p.get("hub") or Path(p.get("path", "?")).name
+
+
+def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The card's licence and the warnings that go with it."""
+    data_lic = [p.get("license") or "unknown" for p in provenance]
+    known = {l for l in [recipe.base_model.license, *data_lic] if l}
+    warnings = []
+    if any("nc" in l.lower().split("-") for l in known):
+        warnings.append("Some training data is licensed for non-commercial use only: so is this model.")
+    if "unknown" in data_lic:
+        warnings.append("The licence of some training data is unknown: check it before any use.")
+    if recipe.publish.license:
+        return recipe.publish.license, warnings
+    licences = {l for l in known if l != "unknown"}
+    if len(licences) == 1:
+        return licences.pop(), warnings
+    return "other", warnings + [f"Licences involved: {', '.join(sorted(known))}."]
+
+
+def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
+    prov = read_json(run.data / "provenance.json", {"sources": [], "stats": {}})
+    report = read_json(run.eval / "report.json", {"tasks": []})
+    check = read_json(run.merge_check, None)
+    summary = read_json(run.adapter / "training_summary.json", {})
+    license_id, warnings = card_license(recipe, prov["sources"])
+    tags = ["finetune", recipe.domain, "lora"] + (["qlora", "4-bit"] if recipe.quantization.bits == 4 else []) + list(recipe.publish.tags)
+    front: dict[str, Any] = {
+        "base_model": base_model_name,
+        "library_name": "peft",
+        "license": license_id,
+        "tags": list(dict.fromkeys(tags)),
+    }
+    hub_sets = [p["hub"] for p in prov["sources"] if p.get("hub")]
+    if hub_sets:
+        front["datasets"] = hub_sets
+    t = recipe.training
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe.name}", ""]
+    if smoke:
+        lines += ["> **Smoke test.** Trained by `finetune run --smoke`: a tiny randomly initialised stand-in of the "
+                  f"{recipe.base_model.family} family and sample data. It checks the pipeline; it is not a usable model.", ""]
+    lines += [f"A {recipe.domain} specialist fine-tuned from `{base_model_name}` with "
+              f"{'QLoRA (4-bit NF4 base)' if recipe.quantization.bits == 4 else 'LoRA'} on all linear layers by finetune.", ""]
+    lines += [f"> {w}" for w in warnings] + ([""] if warnings else [])
+    lines += ["## Evaluation (base vs tuned, identical prompts)", "", report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
+    lines += ["## Training", "",
+              f"- LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}, targets={recipe.lora.target_modules}",
+              f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}), batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps}, "
+              f"{summary.get('global_step', '?')} steps, final train loss {summary.get('train_loss', float('nan')):.4f}",
+              f"- template `{recipe.data.template}`, max length {recipe.data.max_length} tokens, seed {t.seed}"]
+    q = summary.get("quantization", {})
+    if q.get("bits") == 4:
+        lines.append(f"- 4-bit: {q['quantized_modules']} layers, {100 * q['share_of_block_matmul_weights']:.1f}% of block matmul weights")
+    lines += ["", "## Data provenance", "", "| source | licence | rows read | kept | rejected |", "|---|---|---|---|---|"]
+    for p in prov["sources"]:
+        lines.append(f"| {_source_name(p)} | {p.get('license') or 'unknown'} | {p['rows_read']} | {p['rows_kept']} | {p['rows_rejected']} |")
+    st = prov.get("stats", {})
+    if st:
+        lines += ["", f"{st['train']['n']} training and {st['val'].get('n', 0)} validation examples; {st['rejected']} rows rejected."]
+    if check:
+        lines += ["", "## Merge check", "",
+                  f"Merged into the {check['base']} base and saved as {check['saved_dtype']}. On {check['probes']} probe rows the adapter "
+                  f"moved the base's logits by up to {check['adapter_vs_base_max_abs_diff']:.3g}; merged and adapter logits differ by at most "
+                  f"{check['merged_vs_adapter_max_abs_diff']:.2e} in float32 (tolerance {check['atol']:.0e})."]
+    lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
+              "## How to load", "", "```python", "from peft import AutoPeftModelForCausalLM",
+              "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO\")  # the adapter; the merged model is in merged/", "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> Path:
+    run.card.mkdir(parents=True, exist_ok=True)
+    path = run.card / "README.md"
+    path.write_text(render_card(recipe, run, base_model_name, smoke), encoding="utf-8")
+    return path
+
+
+def front_matter(card_text: str) -> dict[str, Any]:
+    """Parse a card's YAML front matter (used by tests and the publish gate)."""
+    if not card_text.startswith("---\n"):
+        return {}
+    return yaml.safe_load(card_text.split("---\n", 2)[1]) or {}
+

@@ -1,0 +1,185 @@
+"""The `finetune` command line: parse, then call stage functions. Importing it must not import torch.
+
+Exit codes (DESIGN.md): 0 success; 1 runtime failure; 2 bad usage, recipe or data; 3 publish refused by a gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import PublishRefused, StageFailed, UserError
+from .run import STAGES
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a YAML recipe into a published domain specialist: prepare, train, eval, merge, publish.")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see `finetune schema`).")]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Tiny stand-in model and sample data: the whole pipeline on a CPU in minutes, offline.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<name>/, runs/<name>-smoke/ with --smoke).")]
+ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
+
+
+def _fail(e: BaseException, code: int) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Map our exceptions to exit codes with one clear message; anything else is a bug: exit 1 with a traceback in
+    the run log (when there is one) and on stderr."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (UserError, PublishRefused, StageFailed) as e:
+            _fail(e, e.exit_code)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg=typer.colors.RED, err=True)
+            raise typer.Exit(130)
+        except Exception as e:
+            logging.getLogger("finetune").error("failed: %s\n%s", e, traceback.format_exc())
+            traceback.print_exc()
+            _fail(e, 1)
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Fewer progress bars and notices from the libraries; our own log says what happens."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' rename notices, not the user's business
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force) -> None:
+    from .pipeline import make_context, run_stages, start
+
+    ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [])
+    _quiet_libraries()
+    start(ctx, resolved)
+
+    def event(stage, what):
+        colour = typer.colors.GREEN if what == "ran" else typer.colors.BLUE
+        typer.secho(f"{stage:8s} {what}", fg=colour, err=True)
+
+    run_stages(ctx, stages, on_event=event)
+    typer.echo(str(ctx.run.root))
+
+
+@app.command()
+@_guard
+def run(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue a run: stages already done with the same inputs are skipped (always on).")] = True) -> None:
+    """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped."""
+    _run(recipe, STAGES, smoke, set_, run_dir, force)
+
+
+def _stage_command(stage: str, doc: str):
+    def command(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
+        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force)
+
+    command.__doc__ = doc
+    app.command(name=stage)(_guard(command))
+
+
+_stage_command("prepare", "Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md.")
+_stage_command("train", "Train the adapter (runs prepare first if it is not done).")
+_stage_command("merge", "Merge the adapter into a 16-bit base and verify it (runs earlier stages if needed).")
+
+
+@app.command(name="eval")
+@_guard
+def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory (its recipe.yaml says what to evaluate).")],
+          force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if done.")] = False) -> None:
+    """Evaluate base vs tuned for a run directory (the run's eval stage)."""
+    _existing_run(run_dir, "eval", force)
+
+
+@app.command()
+@_guard
+def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+            to: Annotated[Optional[str], typer.Option("--to", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
+            what: Annotated[Optional[str], typer.Option("--what", help="adapter, merged, or adapter,merged.")] = None,
+            private: Annotated[Optional[bool], typer.Option("--private/--public", help="Hub repository visibility.")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Publish again even if done.")] = False) -> None:
+    """Publish a run's adapter and/or merged model with its model card."""
+    overrides = []
+    if to:
+        overrides.append(f"publish.to={to}")
+    if what:
+        overrides.append(f"publish.what=[{what}]")
+    if private is not None:
+        overrides.append(f"publish.private={str(private).lower()}")
+    _existing_run(run_dir, "publish", force, overrides)
+
+
+def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] | None = None) -> None:
+    from .pipeline import Context, run_stages, setup_logging
+    from .recipe import load_recipe
+    from .run import RunDir
+
+    run = RunDir(run_dir)
+    if not run.recipe.exists():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    recipe, _ = load_recipe(run.recipe, overrides or [])
+    m = run.manifest()
+    # Paths in a resolved recipe are absolute already; the recipe's own folder is the fallback for relative ones.
+    ctx = Context(recipe, Path(run.recipe).resolve().parent, run, bool(m.get("smoke")), m.get("base_model", recipe.base_model.id),
+                  {stage} if force else set())
+    _quiet_libraries()
+    setup_logging(run)
+    missing = [s for s in STAGES[: STAGES.index(stage)] if (run.stage_record(s) or {}).get("status") != "done"]
+    if missing:
+        raise UserError(f"{run_dir}: stage {missing[0]} is not done; run `finetune run RECIPE` first")
+    run_stages(ctx, (stage,))
+    typer.echo(str(run.root))
+
+
+@app.command()
+@_guard
+def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None) -> None:
+    """Check a recipe against the schema (and, with --smoke, that it can run as a smoke test)."""
+    from .pipeline import make_context
+
+    ctx, _ = make_context(str(recipe), set_ or [], smoke, "/nonexistent-run-dir" if smoke else None, [])
+    typer.echo(f"{recipe}: valid ({ctx.recipe.name}, {ctx.recipe.domain}, base {ctx.original_base})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (every field is documented there)."""
+    from .recipe import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    app(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""`finetune run`: the five stages in order, each skipped when already done with the same inputs.
+
+A stage's fingerprint hashes the recipe sections it reads and the hashes of the files it reads. It is skipped
+when the manifest has it done with that fingerprint and its outputs are intact; otherwise it runs, and every
+stage after it runs too (DESIGN.md). `force` names stages to rerun regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from .recipe import Recipe, redact, resolve_path
+from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write_json, write_recipe
+
+log = logging.getLogger("finetune")
+
+PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
+            "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+
+
+@dataclass
+class Context:
+    recipe: Recipe  # the effective recipe (after overrides and --smoke)
+    recipe_dir: Path
+    run: RunDir
+    smoke: bool = False
+    original_base: str = ""
+    force: set[str] = field(default_factory=set)
+    raw: Recipe | None = None  # the recipe as written (before --smoke), which holds `samples`
+
+
+class RedactSecrets(logging.Filter):
+    """Replace the values of secret environment variables in every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        for name in SECRET_ENV:
+            val = os.environ.get(name)
+            if val and len(val) >= 6 and val in msg:
+                msg = msg.replace(val, "***")
+        record.msg, record.args = msg, None
+        return True
+
+
+def setup_logging(run: RunDir) -> None:
+    run.logs.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("finetune")
+    logger.setLevel(logging.INFO)
+    for h in list(logger.handlers):
+        if getattr(h, "_finetune", False):
+            logger.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(run.logs / "run.log", encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("[finetune] %(message)s"))
+    for h in (fh, sh):
+        h._finetune = True  # type: ignore[attr-defined]
+        h.addFilter(RedactSecrets())
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_lock(ctx: Context) -> None:
+    import torch
+
+    hw: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                          "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    prov = read_json(ctx.run.data / "provenance.json", {})
+    write_json(ctx.run.lock, {
+        "created": now(), "versions": _versions(), "finetune_git_commit": _git_commit(), "hardware": hw,
+        "seed": ctx.recipe.training.seed, "smoke": ctx.smoke, "base_model": ctx.original_base,
+        "data": {name: sha256_file(ctx.run.data / name) for name in ("train.jsonl", "val.jsonl") if (ctx.run.data / name).exists()},
+        "sources": [{k: v for k, v in s.items() if k in ("path", "hub", "revision", "sha256", "license")} for s in prov.get("sources", [])],
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# What each stage reads
+
+
+def _files(run: RunDir, *paths: Path) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+        for q in files:
+            out[str(q.relative_to(run.root)) if q.is_relative_to(run.root) else str(q)] = sha256_file(q)
+    return out
+
+
+def _base_inputs(ctx: Context) -> dict[str, str]:
+    if ctx.smoke:
+        return _files(ctx.run, ctx.run.base)
+    b = ctx.recipe.base_model
+    return {"base_model": f"{b.id}@{b.revision}"}
+
+
+def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
+    r, run = ctx.recipe, ctx.run
+    base = r.base_model.model_dump()
+    if ctx.smoke:
+        base["id"] = "smoke"  # the stand-in's path may move with the run dir; its files are hashed below
+    if stage == "prepare":
+        src = {}
+        for s in r.data.sources:
+            if s.path:
+                p = resolve_path(ctx.recipe_dir, s.path)
+                src[s.path] = sha256_file(p) if p.exists() else "missing"
+        return {"data": r.data.model_dump(), "base_model": base}, {**src, **_base_inputs(ctx)}
+    if stage == "train":
+        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
+        return {**sections, "base_model": base, "max_length": r.data.max_length}, {**_files(run, run.data / "train.jsonl", run.data / "val.jsonl"), **_base_inputs(ctx)}
+    if stage == "eval":
+        tasks = {t.path: sha256_file(resolve_path(ctx.recipe_dir, t.path)) for t in r.eval.tasks if resolve_path(ctx.recipe_dir, t.path).exists()}
+        return {"eval": r.eval.model_dump(), "base_model": base, "quantization": r.quantization.model_dump()}, {**_files(run, run.adapter, run.data / "val.jsonl"), **tasks}
+    if stage == "merge":
+        return {"merge": r.merge.model_dump(), "base_model": base}, _files(run, run.adapter, run.data / "val.jsonl")
+    if stage == "publish":
+        return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
+                _files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json"))
+    raise ValueError(stage)
+
+
+def stage_outputs(ctx: Context, stage: str) -> list[Path]:
+    run = ctx.run
+    return {
+        "prepare": [run.data],
+        "train": [run.adapter],
+        "eval": [run.eval],
+        "merge": [run.merged, run.merge_check] if ctx.recipe.merge.enabled else [],
+        "publish": [run.card],
+    }[stage]
+
+
+def _publish_target_present(ctx: Context) -> bool:
+    to = ctx.recipe.publish.to
+    if to and to.startswith("file://"):
+        return Path(to.removeprefix("file://")).expanduser().exists()
+    return True
+
+
+def _run_stage(ctx: Context, stage: str) -> Any:
+    r, run = ctx.recipe, ctx.run
+    if stage == "prepare":
+        from .models import load_tokenizer
+        from .prepare import prepare
+
+        result = prepare(r, ctx.recipe_dir, run, load_tokenizer(r.base_model.id, r))
+        write_lock(ctx)
+        return result
+    if stage == "train":
+        from .train import train
+
+        return train(r, run)
+    if stage == "eval":
+        from .evaluate import evaluate
+
+        return evaluate(r, ctx.recipe_dir, run)
+    if stage == "merge":
+        if not r.merge.enabled:
+            return {"skipped": "merge.enabled is false"}
+        from .merge import merge
+
+        return merge(r, run)
+    if stage == "publish":
+        from .publish import publish
+
+        name = f"finetune-smoke/tiny-{r.base_model.family}" if ctx.smoke else r.base_model.id
+        return publish(r, run, name, ctx.smoke)
+    raise ValueError(stage)
+
+
+def _summary(result: Any) -> Any:
+    """Keep small scalars of a stage's result for the manifest."""
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return None
+
+
+def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Run `stages` (a prefix-closed selection of STAGES) with skip/rerun logic; returns stage -> 'ran'|'skipped'."""
+    run = ctx.run
+    outcome: dict[str, str] = {}
+    cascade = False
+    for stage in stages:
+        sections, inputs = stage_inputs(ctx, stage)
+        fp = fingerprint(stage, sections, inputs)
+        rec = run.stage_record(stage)
+        done = (rec is not None and rec.get("status") == "done" and rec.get("fingerprint") == fp
+                and run.outputs_intact(rec) and (stage != "publish" or _publish_target_present(ctx)))
+        if done and not cascade and stage not in ctx.force:
+            outcome[stage] = "skipped"
+            log.info("%s: done with the same inputs, skipped", stage)
+            if on_event:
+                on_event(stage, "skipped")
+            continue
+        cascade = True
+        run.update_stage(stage, status="running", fingerprint=fp, started=now(), ended=None, error=None, outputs={})
+        t0 = time.time()
+        try:
+            result = _run_stage(ctx, stage)
+        except BaseException as e:
+            run.update_stage(stage, status="failed", ended=now(), error=f"{type(e).__name__}: {e}"[:2000])
+            raise
+        run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),
+                         outputs=run.describe_outputs([p for p in stage_outputs(ctx, stage) if p.exists()]), result=_summary(result))
+        outcome[stage] = "ran"
+        if on_event:
+            on_event(stage, "ran")
+    return outcome
+
+
+def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: str | None, force: list[str]) -> tuple[Context, dict[str, Any]]:
+    """Validate everything that can be validated before the run directory is touched."""
+    from .errors import UserError
+    from .recipe import load_recipe
+
+    recipe, recipe_dir = load_recipe(recipe_path, overrides)
+    raw = recipe
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], STAGES, n=1)
+        raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(STAGES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
+    default = Path("runs") / (recipe.name + ("-smoke" if smoke else ""))
+    run = RunDir(run_dir or default)
+    original = recipe.base_model.id
+    if smoke:
+        from .smoke import smoke_recipe
+
+        recipe = smoke_recipe(recipe, recipe_dir, run)
+    ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw)
+    return ctx, recipe.model_dump(mode="json")
+
+
+def start(ctx: Context, resolved: dict[str, Any]) -> None:
+    """First writes into the run directory: logging, the resolved recipe (redacted), the smoke stand-in."""
+    ctx.run.root.mkdir(parents=True, exist_ok=True)
+    setup_logging(ctx.run)
+    header = f"# Resolved recipe{' (--smoke)' if ctx.smoke else ''}, written by finetune {_versions().get('finetune', '')}; secrets redacted.\n"
+    write_recipe(ctx.run, redact(resolved), header)
+    m = ctx.run.manifest()
+    m.update({"name": ctx.recipe.name, "smoke": ctx.smoke, "base_model": ctx.original_base})
+    write_json(ctx.run.manifest_path, m)
+    if ctx.smoke:
+        from .smoke import build_base
+
+        build_base(ctx.raw, ctx.recipe_dir, ctx.run, ctx.recipe.base_model.family)

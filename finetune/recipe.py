@@ -1,0 +1,438 @@
+"""The recipe schema: pydantic models that are the documentation of every field.
+
+Unknown keys are forbidden at every depth, and errors name the dotted path, the bad value and, for a
+misspelled key, the closest valid one. Field names follow transformers / peft where those libraries
+already name the setting (`learning_rate`, `max_steps`, `r`, `lora_alpha` ...), so habits carry over.
+
+Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+FAMILIES = ("llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2")
+Family = Literal["llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BaseModelSpec(Section):
+    """The model the specialist starts from."""
+
+    id: str = Field(description="Hugging Face model id (`mistralai/Mistral-7B-Instruct-v0.1`) or a local folder.")
+    revision: str = Field("main", description="Branch, tag or commit of the model repository; pin a commit for reproducible runs.")
+    family: Family | None = Field(
+        None,
+        description="Architecture family (`config.model_type`). Inferred from `id` when absent; `--smoke` builds a tiny "
+        "randomly initialised stand-in of this family instead of downloading the model.",
+    )
+    license: str | None = Field(None, description="Licence of the base model weights (SPDX-style id, e.g. `apache-2.0`); goes into the model card.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on for repositories you trust.")
+    dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (embeddings, norms, lm_head) and of the 16-bit base.")
+
+
+class Source(Section):
+    """One input of the instruction set."""
+
+    path: str | None = Field(None, description="Local JSON or JSONL file, relative to the recipe file's folder (or absolute).")
+    hub: str | None = Field(None, description="Hugging Face dataset id, read with `datasets.load_dataset` (needs network on first use).")
+    config: str | None = Field(None, description="Dataset configuration name (with `hub`).")
+    split: str = Field("train", description="Dataset split to read (with `hub`).")
+    revision: str | None = Field(None, description="Dataset revision (with `hub`); pin a commit for reproducible runs.")
+    format: Literal["auto", "alpaca", "messages"] = Field(
+        "auto",
+        description="Row layout: `alpaca` ({instruction, input?, output}), `messages` ({messages: [{role, content}]}); "
+        "`auto` decides per file from the first row.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to Alpaca's names, e.g. `{instruction: question, output: answer}`.",
+    )
+    license: str | None = Field(None, description="Licence of this data (SPDX-style id); recorded in provenance and the model card.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Source:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` or `hub`")
+        bad = set(self.fields) - {"instruction", "input", "output", "messages", "id"}
+        if bad:
+            raise ValueError(f"`fields` maps onto instruction, input, output, messages or id; not {sorted(bad)}")
+        return self
+
+
+class DataSpec(Section):
+    """How the instruction set is read, split and rendered."""
+
+    sources: list[Source] = Field(min_length=1, description="Where the training rows come from; rows of all sources are pooled.")
+    template: Literal["alpaca", "chat"] = Field(
+        "alpaca",
+        description="`alpaca`: Stanford Alpaca's prompt, byte for byte (prompt ends at `### Response:`, the output and EOS follow); "
+        "`chat`: the tokenizer's chat template (`messages` rows, or Alpaca rows turned into a user/assistant turn).",
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to every conversation (`chat` template only).")
+    max_length: int = Field(2048, gt=8, description="Longest training example in tokens, prompt + response + EOS (BioMistral packs 2,048).")
+    overlong: Literal["drop", "truncate", "error"] = Field(
+        "drop",
+        description="Rows longer than `max_length`: `drop` them, `truncate` the response (keeping EOS supervised), or stop with an `error`. Counts are always reported.",
+    )
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rows held out for validation, chosen by content hash (stable across runs).")
+    val_max: int | None = Field(1000, ge=1, description="Cap on validation rows, so evaluation stays quick on big sets.")
+    min_rows: int = Field(1, ge=1, description="Fewest usable training rows; fewer is an error (an empty dataset never trains).")
+
+
+class QuantizationSpec(Section):
+    """How the frozen base is held in memory during training (QLoRA: 4-bit NF4 with double quantization)."""
+
+    bits: Literal[4, 8, 16] = Field(4, description="4 = QLoRA (bitsandbytes NF4), 8 = LLM.int8, 16 = plain LoRA on a 16-bit base.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is optimal for normally distributed weights (QLoRA paper).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.37 bit/param saved (QLoRA paper).")
+    compute_dtype: Dtype = Field("bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul.")
+    min_4bit_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Smallest share of the transformer blocks' matmul weights that must really be 4-bit after loading "
+        "(embeddings and lm_head stay 16-bit by design and are not counted).",
+    )
+    on_low_share: Literal["error", "warn"] = Field(
+        "error", description="What to do when fewer weights than `min_4bit_share` became 4-bit: refuse to train, or warn loudly and go on."
+    )
+
+
+class LoraSpec(Section):
+    """LoRA adapter settings, under peft's own names."""
+
+    r: int = Field(16, ge=1, description="Rank of the update matrices (QLoRA paper: rank barely matters when all linear layers are adapted).")
+    lora_alpha: int = Field(16, ge=1, description="Scaling numerator: updates are scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input (QLoRA: 0.05 to 0.1).")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="`all-linear` (every linear layer but the output head: QLoRA's finding) or a list of module names."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train along with the adapter.")
+
+
+class TrainingSpec(Section):
+    """Optimisation settings, named as in transformers' TrainingArguments."""
+
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set (ignored when `max_steps` > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: Union[int, float] = Field(
+        0.03, ge=0, description="Linear warmup: an integer is a number of steps, a float below 1 a share of all steps "
+        "(transformers 5 folded `warmup_ratio` into this field; Alpaca and Guanaco warm up for 0.03)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Rows per micro-batch on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (Guanaco: 0.3).")
+    optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. `paged_adamw_32bit` (QLoRA) or `adamw_torch`.")
+    packing: bool = Field(False, description="Pack several rows into each `max_length` sequence (padding-free; attention stays per row).")
+    activation_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, ~30% more compute (transformers 5's name for gradient checkpointing)."
+    )
+    seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
+    logging_steps: int = Field(10, ge=1, description="Steps between metric lines in logs/metrics.jsonl.")
+    save_steps: int = Field(500, ge=1, description="Steps between checkpoints.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    eval_steps: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations during training; null = only at the end.")
+
+
+class EvalTask(Section):
+    """One evaluation task, scored for the base and the tuned model on identical inputs."""
+
+    name: str = Field(description="Short task name shown in the report and the model card.")
+    type: Literal["perplexity"] = Field("perplexity", description="`perplexity`: token-level loss on the responses of a held-out Alpaca/messages file.")
+    path: str = Field(description="Data file of the task, relative to the recipe file's folder (or absolute).")
+    max_samples: int | None = Field(None, ge=1, description="Score only the first N rows (quick runs).")
+
+
+class EvalSpec(Section):
+    """Evaluation of base vs tuned (the full task harness builds on this)."""
+
+    heldout: bool = Field(True, description="Score loss and perplexity on the validation split too.")
+    tasks: list[EvalTask] = Field(default_factory=list, description="Domain tasks scored for base and tuned.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward pass during evaluation.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[EvalTask]) -> list[EvalTask]:
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {dupes}")
+        return tasks
+
+
+class MergeSpec(Section):
+    """Merging the adapter into a 16-bit copy of the base, verified against the adapter."""
+
+    enabled: bool = Field(True, description="Produce RUN/merged/ (needed to publish the merged model).")
+    base: Literal["original_16bit"] = Field(
+        "original_16bit",
+        description="Merge into the original 16-bit weights (not the 4-bit ones seen in training; the gap is measured and recorded).",
+    )
+    dtype: Dtype = Field("bfloat16", description="dtype of the saved merged model.")
+    verify: bool = Field(True, description="Compare merged and adapter logits on probe prompts; fail when they differ by more than `atol`.")
+    atol: float = Field(1e-4, gt=0, description="Largest allowed |merged - adapter| logit difference, computed in float32.")
+    probes: int = Field(8, ge=1, description="Validation rows used as probe prompts.")
+
+
+class PublishSpec(Section):
+    """Where the specialist goes and what travels with it."""
+
+    to: str | None = Field(None, description="`hf://ORG/NAME` (Hugging Face Hub) or `file://DIR` (on-premise); null = publish nothing.")
+    what: list[Literal["adapter", "merged"]] = Field(["adapter"], min_length=1, description="Artifacts to publish.")
+    private: bool = Field(True, description="Create the Hub repository private.")
+    license: str | None = Field(None, description="Licence of the published model; default derived from the base model's and the data's licences.")
+    tags: list[str] = Field(default_factory=list, description="Extra tags for the model card.")
+
+    @field_validator("to")
+    @classmethod
+    def _scheme(cls, to: str | None) -> str | None:
+        if to is not None and not re.match(r"^(hf://[\w.-]+/[\w.-]+|file://.+)$", to):
+            raise ValueError("must look like hf://ORG/NAME or file://DIR")
+        return to
+
+
+class TrackingSpec(Section):
+    """Experiment tracking; RUN/logs/metrics.jsonl is always written whatever is chosen here."""
+
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Trackers to send metrics to (keys come from the environment only).")
+    project: str = Field("finetune", description="Tracker project name.")
+
+
+class SamplesSpec(Section):
+    """Small data written for this recipe, used by `--smoke` in place of the real sources and eval sets."""
+
+    data: str = Field(description="Sample training rows (Alpaca or messages JSONL), relative to the recipe file.")
+    eval: str | None = Field(None, description="Sample held-out rows scored as a perplexity task under `--smoke`.")
+
+
+class Recipe(Section):
+    """A domain specialist, from data to published model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Run and repository name (letters, digits, `.`, `_`, `-`).")
+    domain: str = Field("general", description="Domain the specialist serves (medical, legal, math ...); shown in the card with its disclaimer.")
+    base_model: BaseModelSpec = Field(description="The model to specialise.")
+    data: DataSpec = Field(description="Training data.")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="How the frozen base is held in memory.")
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null asks for full fine-tuning, which this version does not offer.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of base vs tuned.")
+    merge: MergeSpec = Field(default_factory=MergeSpec, description="Verified merge into a 16-bit base.")
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="Publishing.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
+    samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke`.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        if self.lora is None:
+            if self.quantization.bits != 16:
+                raise ValueError(
+                    f"quantization.bits={self.quantization.bits} needs an adapter: a quantized base cannot be trained directly "
+                    "(set `lora:` or use quantization.bits: 16)"
+                )
+            raise ValueError("lora: null asks for full fine-tuning, which finetune does not offer; set `lora:` (QLoRA/LoRA)")
+        if "merged" in self.publish.what and not self.merge.enabled:
+            raise ValueError("publish.what includes `merged` but merge.enabled is false")
+        if self.data.template == "alpaca" and any(s.format == "messages" for s in self.data.sources):
+            raise ValueError("data.template `alpaca` cannot render `messages` sources; use data.template: chat")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _yaml_load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read recipe ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (name:, base_model:, data: ...), got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b.c=value` overrides. Values are parsed as YAML (so `1e-4`, `true`, `[a, b]` get their types),
+    then pydantic coerces them to the field's type. List items are addressed by index (`eval.tasks.0.name=x`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set {item!r}: empty key segment in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, where, item)
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"--set {item!r}: {where} is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = _index(last, key, item)
+            if idx >= len(node):
+                raise UserError(f"--set {item!r}: {key} is past the end of a list of {len(node)}")
+            node[idx] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(part: str, where: str, item: str) -> int:
+    if not part.isdigit():
+        raise UserError(f"--set {item!r}: {where} is a list; address its items by number (…{where.rsplit('.', 1)[0]}.0…)")
+    return int(part)
+
+
+def _list_item(node: list, part: str, where: str, item: str) -> Any:
+    idx = _index(part, where, item)
+    if idx >= len(node):
+        raise UserError(f"--set {item!r}: {where} is past the end of a list of {len(node)}")
+    return node[idx]
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class inside an annotation such as `LoraSpec | None` or `list[EvalTask]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation) if get_origin(annotation) is not None else ():
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid key names of the section at `loc` (a pydantic error location, list indices included)."""
+    cls: type[BaseModel] | None = Recipe
+    for part in loc:
+        if cls is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        cls = _section_class(field.annotation)
+    return list(cls.model_fields) if cls is not None else []
+
+
+# Names other tools (and older transformers/trl) use for our fields: a typo close to one of these is pointed at ours.
+ALIASES = {
+    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "max_seq_length": "max_length", "sequence_len": "max_length",
+    "warmup_ratio": "warmup_steps", "scheduler": "lr_scheduler_type", "model": "base_model", "datasets": "sources",
+    "load_in_4bit": "bits", "gradient_checkpointing": "activation_checkpointing", "target_modules": "target_modules", "lora_r": "r",
+}
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    alias = difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.7)
+    if alias and ALIASES[alias[0]] in valid:
+        return ALIASES[alias[0]]
+    return None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            valid = _fields_at(loc[:-1])
+            close = _did_you_mean(key, valid)
+            hint = f"; did you mean '{close}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+            lines.append(f"{path}: unknown key{hint}")
+            continue
+        value = e.get("input")
+        shown = json.dumps(value, default=str)[:80] if not isinstance(value, dict) else "{…}"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error" and isinstance(value, str):
+            choices = re.findall(r"'([^']+)'", msg)
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
+        lines.append(f"{path}: {msg} (got {shown})" if e["type"] != "missing" else f"{path}: required key is missing")
+    head = f"{source}: invalid recipe ({len(lines)} problem{'s' if len(lines) > 1 else ''})"
+    return head + "\n  " + "\n  ".join(lines)
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    """Read, override and validate a recipe. Returns it with the folder its relative paths are resolved against."""
+    path = Path(path)
+    data = apply_overrides(_yaml_load(path), overrides or [])
+    return parse_recipe(data, str(path)), path.resolve().parent
+
+
+def resolve_path(base_dir: Path, p: str) -> Path:
+    """Data paths in a recipe are relative to the recipe file's folder, so a recipe works from any directory."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (base_dir / q)
+
+
+def json_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()
+
+
+_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.I)
+_SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{8,}|wandb_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9]{16,})")
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a recipe dict with anything secret-looking replaced: secrets come from the environment only and
+    must never reach the resolved recipe, logs or cards."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _SECRET_VALUE.sub("***", obj)
+    return obj

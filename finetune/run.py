@@ -1,0 +1,150 @@
+"""The run directory: paths, the manifest, fingerprints and resume-by-stage.
+
+A stage is skipped when the manifest says it is done with the same input fingerprint (its recipe sections plus the
+hashes of its inputs) and its outputs are still on disk unchanged; otherwise it reruns, and the stages after it
+too. Every stage writes its outputs into a staging folder and moves them into place only on success, so a
+failed or interrupted stage never leaves a half-written `adapter/` or `data/` behind.
+
+Importing this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+STAGES = ("prepare", "train", "eval", "merge", "publish")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+class RunDir:
+    """Paths of one run (DESIGN.md's layout) and its manifest."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.recipe = self.root / "recipe.yaml"
+        self.lock = self.root / "run.lock.json"
+        self.manifest_path = self.root / "manifest.json"
+        self.data = self.root / "data"
+        self.checkpoints = self.root / "checkpoints"
+        self.adapter = self.root / "adapter"
+        self.merged = self.root / "merged"
+        self.merge_check = self.root / "merge_check.json"
+        self.eval = self.root / "eval"
+        self.card = self.root / "card"
+        self.logs = self.root / "logs"
+        self.metrics = self.logs / "metrics.jsonl"
+        self.base = self.root / "base"  # --smoke: the tiny stand-in model and tokenizer
+
+    # ---- manifest
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest_path, {"stages": {}})
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        return self.manifest()["stages"].get(stage)
+
+    def update_stage(self, stage: str, **fields: Any) -> None:
+        m = self.manifest()
+        m["stages"].setdefault(stage, {}).update(fields)
+        write_json(self.manifest_path, m)
+
+    def outputs_intact(self, record: dict[str, Any]) -> bool:
+        """True when every recorded output still exists with its recorded hash. Size and mtime are checked first so
+        an unchanged multi-GB merged model is not re-hashed on every run."""
+        for rel, meta in record.get("outputs", {}).items():
+            p = self.root / rel
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                return False
+            if st.st_size != meta["size"]:
+                return False
+            if st.st_mtime_ns != meta.get("mtime_ns") and sha256_file(p) != meta["sha256"]:
+                return False
+        return True
+
+    def describe_outputs(self, paths: list[Path]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in paths:
+            files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+            for q in files:
+                st = q.stat()
+                out[str(q.relative_to(self.root))] = {"sha256": sha256_file(q), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return out
+
+    # ---- atomic outputs
+
+    @contextlib.contextmanager
+    def staged(self, name: str) -> Iterator[Path]:
+        """Yield an empty staging folder; on success it replaces RUN/<name>, on failure it is removed and the
+        previous RUN/<name> (if any) is left exactly as it was."""
+        final = self.root / name
+        tmp = self.root / f".staging-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = self.root / f".old-{name}"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) -> str:
+    """Hash of what a stage depends on: its recipe sections and the hashes of the files it reads."""
+    return sha256_json({"stage": stage, "sections": sections, "inputs": inputs})
+
+
+def write_recipe(run: RunDir, data: dict[str, Any], header: str) -> None:
+    run.root.mkdir(parents=True, exist_ok=True)
+    tmp = run.recipe.with_name(".recipe.yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, run.recipe)

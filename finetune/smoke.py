@@ -1,0 +1,142 @@
+"""`--smoke`: any recipe end to end on a CPU in a couple of minutes, offline.
+
+The base model becomes a tiny randomly initialised model of the same family (families.py), with a byte-level BPE
+tokenizer trained in milliseconds on the recipe's sample data; data and eval come from the recipe's `samples`;
+steps are capped; 4-bit quantisation still runs; publish goes to file://RUN/hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .families import check_family, infer_family
+from .recipe import Recipe, parse_recipe, resolve_path
+from .run import RunDir
+
+SMOKE_STEPS = 20  # enough for the loss to move and a checkpoint to be written, ~1 s of training on 2 cores
+SMOKE_MAX_LENGTH = 256
+SMOKE_VOCAB = 1000
+
+# A ChatML-style template with generation markers (so assistant masks work with any tool that asks for them).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir) -> Recipe:
+    """The recipe as --smoke runs it; what changes is visible in RUN/recipe.yaml."""
+    if recipe.samples is None:
+        raise UserError("--smoke needs a `samples:` section (samples.data: a small JSONL written for this recipe)")
+    family = check_family(infer_family(recipe.base_model.id, recipe.base_model.family))
+    d = recipe.model_dump()
+    d["base_model"].update(id=str(run.base.resolve()), family=family, revision="main", dtype="float32")
+    sample_data = resolve_path(recipe_dir, recipe.samples.data)
+    # Sample data is written for this project, under the project's licence.
+    d["data"]["sources"] = [{"path": str(sample_data), "format": "auto", "license": "apache-2.0"}]
+    d["data"]["max_length"] = min(recipe.data.max_length, SMOKE_MAX_LENGTH)
+    d["data"].update(val_fraction=0.15, val_max=16)
+    d["training"].update(
+        max_steps=SMOKE_STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        # A random 100k-parameter model needs a far larger step than a 7B one to move visibly in 20 steps.
+        learning_rate=2e-3,
+        warmup_steps=0,
+        activation_checkpointing=False,
+        logging_steps=1,
+        save_steps=10,
+        eval_steps=None,
+        optim="adamw_torch",
+    )
+    d["quantization"]["compute_dtype"] = "float32"
+    tasks = []
+    if recipe.samples.eval:
+        tasks = [{"name": f"{recipe.domain}-samples", "type": "perplexity", "path": str(resolve_path(recipe_dir, recipe.samples.eval))}]
+    d["eval"].update(tasks=tasks, batch_size=8)
+    d["merge"].update(enabled=True, probes=4)
+    d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
+    d["samples"] = None
+    return parse_recipe(d, "recipe (--smoke)")
+
+
+def _corpus(sample_files: list[Path]) -> list[str]:
+    """Text the tiny tokenizer is trained on: the sample rows plus the template's fixed strings."""
+    from .templates import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+
+    texts = [ALPACA_PROMPT, ALPACA_PROMPT_INPUT]
+    for path in sample_files:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            texts.extend(_strings(row))
+    return texts
+
+
+def _strings(obj: Any) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def build_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SMOKE_VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    bos = tk.token_to_id("<s>")
+    # Like Llama/Mistral tokenizers: every encoded sequence starts with BOS.
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed: int = 0) -> None:
+    """Write the tiny stand-in (safetensors + tokenizer) to RUN/base, unless an identical one is there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .families import tiny_config
+
+    files = [resolve_path(recipe_dir, recipe.samples.data)] + ([resolve_path(recipe_dir, recipe.samples.eval)] if recipe.samples.eval else [])
+    key = {"family": family, "samples": [str(p) for p in files], "sizes": [p.stat().st_size if p.exists() else -1 for p in files], "seed": seed, "version": 1}
+    stamp = run.base / "standin.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == key:
+        return
+    tok = build_tokenizer(_corpus(files))
+    cfg = tiny_config(family, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with run.staged("base") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "standin.json").write_text(json.dumps(key))
+
+
+def prepare_smoke(recipe: Recipe, recipe_dir: Path, run: RunDir) -> Recipe:
+    sm = smoke_recipe(recipe, recipe_dir, run)
+    build_base(recipe, recipe_dir, run, sm.base_model.family)
+    return sm
+

@@ -1,0 +1,183 @@
+"""Stage 2, train: trl's SFTTrainer + peft LoRA on all linear layers over a (really) 4-bit base.
+
+The data arrives tokenised, with labels (prompt masked, EOS supervised) built by prepare; trl only packs and
+batches it. We wrap what the trainer does not do: metrics.jsonl whatever the tracker, checkpoints named
+step-NNNNNN with a COMPLETE marker, a stop on non-finite loss, and the 4-bit check before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .models import check_quantization, device, load_model
+from .recipe import Recipe
+from .run import RunDir, write_json
+
+log = logging.getLogger("finetune")
+
+
+def _callbacks(run: RunDir, keep: int | None):
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        """Append every logged metric line to RUN/logs/metrics.jsonl; stop on a non-finite loss."""
+
+        def __init__(self):
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            run.logs.mkdir(parents=True, exist_ok=True)
+            line = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - self.t0, 3), **logs}
+            with open(run.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss} at step {state.global_step}")
+
+    class Checkpoints(TrainerCallback):
+        """Rename checkpoint-N to step-NNNNNN (sortable), mark it COMPLETE last, keep the newest `keep`."""
+
+        def on_save(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not src.exists():
+                return
+            dst = run.checkpoints / f"step-{state.global_step:06d}"
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+            (dst / "COMPLETE").write_text(json.dumps({"step": state.global_step}) + "\n")
+            done = sorted(p for p in run.checkpoints.glob("step-*") if (p / "COMPLETE").exists())
+            for old in done[: -keep] if keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return [Metrics(), Checkpoints()]
+
+
+def _dataset(path: Path):
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+
+
+def sft_config(recipe: Recipe, output_dir: Path, has_val: bool):
+    from trl import SFTConfig
+
+    t = recipe.training
+    on_gpu = device() == "cuda"
+    bf16 = on_gpu and recipe.quantization.compute_dtype == "bfloat16"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.eval.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is ours (Checkpoints callback), over COMPLETE checkpoints only
+        eval_strategy="steps" if (t.eval_steps and has_val) else "no",
+        eval_steps=t.eval_steps,
+        max_length=recipe.data.max_length,
+        packing=t.packing,
+        gradient_checkpointing=t.activation_checkpointing,
+        bf16=bf16,
+        fp16=on_gpu and recipe.quantization.compute_dtype == "float16",
+        use_cpu=not on_gpu,
+        report_to=list(recipe.tracking.report_to) or "none",
+        run_name=recipe.name,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    from .models import load_tokenizer
+
+    torch.manual_seed(recipe.training.seed)
+    base = recipe.base_model.id
+    tok = load_tokenizer(base, recipe)
+    model = load_model(base, recipe, quantized=recipe.quantization.bits != 16)
+    qreport = check_quantization(model, recipe) if recipe.quantization.bits != 16 else None
+    if recipe.quantization.bits != 16:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.activation_checkpointing)
+    lcfg = LoraConfig(
+        r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
+        target_modules=recipe.lora.target_modules, bias=recipe.lora.bias, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lcfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable parameters (%.3f%% of %d)", trainable, 100 * trainable / total, total)
+
+    train_ds = _dataset(run.data / "train.jsonl")
+    val_ds = _dataset(run.data / "val.jsonl")
+    has_val = len(val_ds) > 0
+    if recipe.tracking.report_to and "wandb" in recipe.tracking.report_to:
+        os.environ.setdefault("WANDB_PROJECT", recipe.tracking.project)
+        os.environ.setdefault("WANDB_DIR", str(run.logs))
+    # Metrics are appended per run of this stage; a rerun starts a fresh file.
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.metrics.unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    run.checkpoints.mkdir(parents=True)
+    work = run.root / ".trainer"
+    shutil.rmtree(work, ignore_errors=True)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, work, has_val),
+        train_dataset=train_ds,
+        eval_dataset=val_ds if has_val else None,
+        processing_class=tok,
+        callbacks=_callbacks(run, recipe.training.save_total_limit),
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to logs/metrics.jsonl, not raw dicts on stdout
+    t0 = time.time()
+    result = trainer.train()
+    wall = time.time() - t0
+    if "wandb" in recipe.tracking.report_to:
+        import wandb
+
+        wandb.finish()  # the Trainer never calls it; offline runs stay empty until it is called
+    with run.staged("adapter") as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        summary = {
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "train_runtime_s": round(wall, 3),
+            "train_rows": len(train_ds),
+            "trainable_params": trainable,
+            "total_params": total,
+            "quantization": qreport.as_dict() if qreport else {"bits": 16},
+            "device": device(),
+        }
+        write_json(tmp / "training_summary.json", summary)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("train: %d steps in %.1f s, loss %.4f", summary["global_step"], wall, summary["train_loss"])
+    return summary

@@ -1,0 +1,140 @@
+"""Write recipes/samples/*.jsonl: small instruction sets written for this project, used by `--smoke`.
+
+The text below is our own (no third-party data). Run from the project root: `python scripts/make_samples.py`.
+Math rows are generated with their answers computed here, so every answer is right.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "recipes" / "samples"
+
+LEGAL_FACTS = [
+    ("A tenant withholds rent because the landlord refuses to repair a broken heating system in winter.", "Possibly lawful in many jurisdictions if the tenant follows the statutory repair-and-deduct or escrow procedure; withholding without notice risks eviction."),
+    ("An employee signs a non-compete clause covering the whole country for ten years.", "Likely unenforceable or reducible: courts require restrictions that are reasonable in scope, geography and duration."),
+    ("A buyer discovers the seller knew about hidden water damage and said nothing.", "The buyer may have a claim for fraudulent concealment or misrepresentation, depending on disclosure duties."),
+    ("A contract is signed by a sixteen-year-old for a sports car.", "Generally voidable at the minor's option, since the car is not a necessary."),
+    ("Two companies agree by email on price, quantity and delivery date for steel beams.", "An email exchange can form a binding contract if offer, acceptance and consideration are present."),
+    ("A witness testifies about what a bystander shouted right after the crash.", "This is hearsay, but it may be admitted as an excited utterance."),
+    ("A shop posts a sign saying it is not liable for any injury on its premises.", "Such disclaimers rarely exclude liability for the shop's own negligence toward visitors."),
+    ("A software licence forbids reverse engineering, and a user decompiles it for interoperability.", "Some jurisdictions permit decompilation for interoperability despite contractual terms; others enforce the clause."),
+    ("A landlord enters the flat without notice to show it to buyers.", "Most tenancy laws require reasonable notice before entry except in emergencies."),
+    ("A company uses a competitor's trademark in search ads that clearly name the advertiser.", "Keyword advertising is often lawful when the ad does not confuse consumers about origin."),
+    ("A will is signed by the testator but by only one witness where two are required.", "The will may be invalid for lack of due execution, unless a saving statute applies."),
+    ("A driver is stopped and police search the trunk without consent or a warrant.", "The search may be unlawful unless probable cause or another exception applies, and evidence may be excluded."),
+]
+LEGAL_TERMS = [
+    ("force majeure", "a clause excusing performance when extraordinary events beyond the parties' control prevent it"),
+    ("consideration", "something of value each party gives, which makes a promise enforceable as a contract"),
+    ("indemnity", "a promise by one party to cover the other's losses arising from specified events"),
+    ("estoppel", "a rule preventing a party from going back on a position another party relied upon"),
+    ("tort", "a civil wrong, other than a breach of contract, for which the law gives a remedy"),
+    ("hearsay", "an out-of-court statement offered to prove the truth of what it asserts"),
+    ("liquidated damages", "a sum fixed in the contract as a genuine pre-estimate of loss on breach"),
+    ("arbitration", "private dispute resolution in which a neutral decides and the award is binding"),
+    ("due diligence", "the investigation a party carries out before a transaction to check facts and risks"),
+    ("statute of limitations", "the deadline after which a claim can no longer be brought"),
+    ("fiduciary duty", "an obligation to act in another's best interest, as a trustee or director must"),
+    ("severability", "a clause keeping the rest of a contract in force if one part is held invalid"),
+]
+MARKS = [("Apple for computers", "arbitrary"), ("Sharp for televisions", "suggestive"), ("Bank for a bank", "generic"),
+         ("Quick Print for a print shop", "descriptive"), ("Kodak for cameras", "fanciful"), ("Coppertone for sun lotion", "suggestive"),
+         ("Salt for table salt", "generic"), ("Blue Ribbon for awards", "descriptive"), ("Zyntrel for medicine", "fanciful"),
+         ("Polar for ice cream", "arbitrary"), ("Fresh Baked for bread", "descriptive"), ("Quiklock for locks", "suggestive")]
+
+MED_QA = [
+    ("Does regular aerobic exercise lower resting blood pressure in adults with hypertension?", "yes", "Trials show moderate aerobic training lowers systolic pressure by several mmHg."),
+    ("Do antibiotics shorten the course of an uncomplicated viral cold?", "no", "Colds are viral; antibiotics do not act on viruses and add side effects."),
+    ("Is vitamin D supplementation effective in preventing all fractures in healthy adults?", "maybe", "Results differ by dose, baseline levels and calcium co-supplementation."),
+    ("Does hand washing reduce hospital-acquired infections?", "yes", "Hand hygiene programmes are consistently linked with fewer infections."),
+    ("Is smoking cessation associated with lower risk of coronary heart disease?", "yes", "Risk falls within a few years of quitting."),
+    ("Does a single high reading confirm a diagnosis of diabetes without symptoms?", "no", "Guidelines ask for a repeat test unless symptoms are clear."),
+    ("Does early mobilisation after surgery reduce length of stay?", "maybe", "Many studies report benefit, but effects vary by procedure."),
+    ("Do statins lower LDL cholesterol?", "yes", "Statins inhibit HMG-CoA reductase and reliably reduce LDL."),
+    ("Is routine MRI useful for acute low back pain without red flags?", "no", "Imaging rarely changes management and may lead to needless procedures."),
+    ("Does mindfulness training reduce anxiety symptoms in primary care patients?", "maybe", "Small trials are promising but evidence quality is mixed."),
+    ("Does vaccination against influenza reduce hospital admissions in older adults?", "yes", "Observational and trial data show fewer admissions in vaccinated groups."),
+    ("Is paracetamol more effective than placebo for chronic low back pain?", "no", "Trials found no meaningful difference from placebo."),
+]
+MED_DEFS = [
+    ("tachycardia", "a resting heart rate above 100 beats per minute"), ("anaemia", "a lower than normal haemoglobin concentration"),
+    ("hypoglycaemia", "blood glucose below the normal range, often under 4 mmol/L"), ("sepsis", "life-threatening organ dysfunction caused by a dysregulated response to infection"),
+    ("dyspnoea", "the sensation of difficult or laboured breathing"), ("oedema", "swelling caused by fluid in the body's tissues"),
+    ("bradycardia", "a resting heart rate below 60 beats per minute"), ("hypertension", "persistently raised arterial blood pressure"),
+    ("pyrexia", "a body temperature above the normal range; fever"), ("syncope", "a brief loss of consciousness from reduced blood flow to the brain"),
+]
+
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Ema", "Farid", "Gia", "Hugo", "Ines", "Jon", "Kai", "Lena", "Mo", "Nia", "Omar", "Pia"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells"]
+
+
+def legal_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for fact, answer in LEGAL_FACTS:
+        rows.append({"instruction": "Analyse the legal issue in the situation and give a short answer.", "input": fact, "output": answer})
+    for term, meaning in LEGAL_TERMS:
+        rows.append({"instruction": f"Define the legal term '{term}' in one sentence.", "input": "", "output": f"In law, {term} is {meaning}."})
+    for mark, cat in MARKS:
+        rows.append({"instruction": "Classify the trademark on the Abercrombie spectrum (generic, descriptive, suggestive, arbitrary, fanciful).",
+                     "input": mark, "output": cat})
+    rng.shuffle(rows)
+    return rows
+
+
+def medical_rows(rng: random.Random) -> list[dict]:
+    rows = []
+    for q, label, why in MED_QA:
+        rows.append({"instruction": "Answer the biomedical research question with yes, no or maybe, then explain briefly.", "input": q, "output": f"{label}. {why}"})
+    for term, meaning in MED_DEFS:
+        rows.append({"instruction": f"What does the clinical term '{term}' mean?", "input": "", "output": f"{term.capitalize()} means {meaning}."})
+    rng.shuffle(rows)
+    return rows
+
+
+def math_row(rng: random.Random) -> dict:
+    a, b, c = rng.randint(3, 40), rng.randint(2, 25), rng.randint(2, 6)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(3)
+    if kind == 0:
+        q = f"{name} has {a} {item} and buys {b} more. Then {name} gives away {c}. How many {item} does {name} have now?"
+        ans = a + b - c
+        steps = f"{name} starts with {a} and buys {b}: {a} + {b} = {a + b}. Giving away {c} leaves {a + b} - {c} = {ans}."
+    elif kind == 1:
+        q = f"A box holds {b} {item}. {name} fills {c} boxes and has {a} loose {item}. How many {item} are there in total?"
+        ans = b * c + a
+        steps = f"{c} boxes of {b} hold {c} * {b} = {b * c}. Adding {a} loose ones gives {b * c} + {a} = {ans}."
+    else:
+        total = b * c
+        q = f"{name} shares {total} {item} equally among {c} friends. How many {item} does each friend get?"
+        ans = b
+        steps = f"Each friend gets {total} / {c} = {ans}."
+    return {"instruction": q, "input": "", "output": f"{steps}\nThe answer is \\boxed{{{ans}}}."}
+
+
+def write(name: str, rows: list[dict]) -> None:
+    with open(OUT / name, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(2026)
+    legal = legal_rows(rng)
+    write("legal.jsonl", legal[:30])
+    write("legal_eval.jsonl", legal[30:])
+    med = medical_rows(rng)
+    write("medical_eval.jsonl", med[16:])
+    # The medical recipe trains with the chat template, so its sample rows are conversations in `messages` form.
+    write("medical.jsonl", [{"messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}".strip()},
+                                               {"role": "assistant", "content": r["output"]}]} for r in med[:16]])
+    maths = [math_row(rng) for _ in range(48)]
+    write("math.jsonl", maths[:40])
+    write("math_eval.jsonl", maths[40:])
+
+
+if __name__ == "__main__":
+    main()
