@@ -192,6 +192,21 @@ def disable_cpu_repack(model: nn.Module) -> int:
     return n
 
 
+def lora_targets(model: nn.Module, spec) -> list[str] | str:
+    """`all-linear` resolved to explicit module paths: every linear layer (16-bit or quantized) but the output head.
+    peft resolves `all-linear` itself, but for Mixtral under transformers 5 it then adds `target_parameters` that
+    wrap the router's weight (and fail with dropout); explicit paths keep LoRA on exactly the linear layers."""
+    if spec != "all-linear":
+        return spec
+    import bitsandbytes as bnb
+
+    skip = _skip_names(model)
+    return sorted(
+        n for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and n not in skip and n.split(".")[-1] not in skip
+    )
+
+
 @dataclass
 class QuantReport:
     """How much of the base really is quantized. Block matmul weights = the linear / expert weights inside the

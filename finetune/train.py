@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .models import check_quantization, device, load_model
+from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
 from .run import RunDir, write_json
 
@@ -127,7 +127,7 @@ def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.activation_checkpointing)
     lcfg = LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
-        target_modules=recipe.lora.target_modules, bias=recipe.lora.bias, task_type="CAUSAL_LM",
+        target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lcfg)
     trainable, total = model.get_nb_trainable_parameters()

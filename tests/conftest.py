@@ -1,0 +1,44 @@
+"""Test-suite settings: offline, deterministic, small. Tiny models are built in the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Set before anything imports huggingface_hub / wandb, which read them at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """../shared/datasets, which a user's clone does not have: skip there, but fail in CI (.ci/run sets
+    FINETUNE_REQUIRE_SHARED=1) so the tests that read real data always run."""
+    if not SHARED.is_dir():
+        if os.environ.get("FINETUNE_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{SHARED} is missing but FINETUNE_REQUIRE_SHARED=1 (CI must run the shared-data tests)")
+        pytest.skip(f"{SHARED} not found: the shared datasets live beside the project checkout, not in it")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """Each shipped recipe run once with --smoke (shared by the end-to-end tests)."""
+    from finetune.pipeline import make_context, run_stages, start
+
+    out = {}
+    for name in ("legal", "medical", "math"):
+        run_dir = tmp_path_factory.mktemp(f"smoke-{name}")
+        ctx, resolved = make_context(str(RECIPES / f"{name}.yaml"), [], True, str(run_dir), [])
+        start(ctx, resolved)
+        outcome = run_stages(ctx)
+        out[name] = (run_dir, outcome)
+    return out
