@@ -259,7 +259,7 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
     if smoke:
         from .smoke import smoke_recipe
 
-        recipe = smoke_recipe(recipe, recipe_dir, run)
+        recipe = smoke_recipe(recipe, recipe_dir, run, overrides)
     ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw)
     return ctx, recipe.model_dump(mode="json")
 

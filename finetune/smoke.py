@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import UserError
 from .families import check_family, infer_family
-from .recipe import Recipe, parse_recipe, resolve_path
+from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
 from .run import RunDir
 
 SMOKE_STEPS = 20  # enough for the loss to move and a checkpoint to be written, ~1 s of training on 2 cores
@@ -29,8 +29,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir) -> Recipe:
-    """The recipe as --smoke runs it; what changes is visible in RUN/recipe.yaml."""
+def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[str] | None = None) -> Recipe:
+    """The recipe as --smoke runs it; what changes is visible in RUN/recipe.yaml. The user's `--set` overrides are
+    applied again on top, so an explicit `--set training.max_steps=5` wins over the smoke cap."""
     if recipe.samples is None:
         raise UserError("--smoke needs a `samples:` section (samples.data: a small JSONL written for this recipe)")
     family = check_family(infer_family(recipe.base_model.id, recipe.base_model.family))
@@ -62,7 +63,7 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir) -> Recipe:
     d["merge"].update(enabled=True, probes=4)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     d["samples"] = None
-    return parse_recipe(d, "recipe (--smoke)")
+    return parse_recipe(apply_overrides(d, list(overrides or [])), "recipe (--smoke)")
 
 
 def _corpus(sample_files: list[Path]) -> list[str]:

@@ -1,0 +1,72 @@
+"""`finetune run recipes/<domain>.yaml --smoke` for every shipped recipe: the README's demo and CI's end-to-end test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from finetune.card import front_matter
+from finetune.run import STAGES
+
+from .conftest import RECIPES, ROOT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["legal", "medical", "math"])
+def test_smoke_run_leaves_every_artifact(smoke_runs, name):
+    run, outcome = smoke_runs[name]
+    assert outcome == {s: "ran" for s in STAGES}
+    for rel in ("recipe.yaml", "run.lock.json", "manifest.json", "data/train.jsonl", "data/val.jsonl", "data/provenance.json",
+                "data/datacard.md", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
+                "merge_check.json", "eval/report.json", "eval/report.md", "card/README.md", "logs/metrics.jsonl"):
+        assert (run / rel).is_file(), rel
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
+    assert all((p / "COMPLETE").exists() for p in (run / "checkpoints").iterdir())
+    report = json.loads((run / "eval/report.json").read_text())
+    for task in report["tasks"]:
+        assert {"name", "type", "metric", "n", "base", "tuned", "delta"} <= task.keys()
+        assert task["base"]["ci95"][0] <= task["base"]["score"] <= task["base"]["ci95"][1]
+        assert task["delta"] == pytest.approx(task["tuned"]["score"] - task["base"]["score"])
+    assert [t["name"] for t in report["tasks"]] == ["heldout", f"{name}-samples"]
+    card = (run / "card/README.md").read_text()
+    fm = front_matter(card)
+    assert fm["library_name"] == "peft" and fm["base_model"].startswith("finetune-smoke/") and fm["license"]
+    assert "| heldout |" in card and str(run) not in card  # eval table in, no absolute local paths
+    hub = run / "hub"
+    assert (hub / "README.md").read_text() == card
+    assert (hub / "adapter_model.safetensors").is_file() and (hub / "merged" / "model.safetensors").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in STAGES)
+    lock = json.loads((run / "run.lock.json").read_text())
+    assert lock["versions"]["torch"] and lock["data"]["train.jsonl"]
+
+
+@pytest.mark.slow
+def test_demo_command_twice_from_the_command_line(tmp_path):
+    """The README's demo, as a user types it; the second run skips every stage."""
+    cmd = [sys.executable, "-m", "finetune.cli", "run", "recipes/legal.yaml", "--smoke", "--run-dir", str(tmp_path / "run")]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0
+    assert [l.split()[1] for l in second.stderr.splitlines() if l.split()[:1] and l.split()[0] in STAGES] == ["skipped"] * 5
+
+
+def test_prepare_reads_real_gsm8k_with_a_field_mapping(shared_datasets, tmp_path):
+    from finetune.prepare import prepare
+    from finetune.recipe import load_recipe
+    from finetune.run import RunDir
+    from finetune.smoke import build_tokenizer
+
+    path = shared_datasets / "gsm8k" / "test.jsonl"
+    r, _ = load_recipe(RECIPES / "math.yaml", [f"data.sources.0.path={path}", "data.sources.0.hub=null", "data.sources.0.config=null",
+                                               "data.max_length=4096"])
+    tok = build_tokenizer([l for l in path.read_text().splitlines()[:200]])
+    stats = prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
+    assert stats["rows_read"] == 1319 and stats["rejected"] == 0
+    assert stats["train"]["n"] + stats["val"]["n"] == 1319 and stats["val"]["n"] == 66  # 5%, by content hash
+    row = json.loads((tmp_path / "run/data/train.jsonl").read_text().splitlines()[0])
+    assert "####" in row["completion"] and row["labels"][-1] == tok.eos_token_id
