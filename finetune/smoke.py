@@ -134,10 +134,3 @@ def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "standin.json").write_text(json.dumps(key))
-
-
-def prepare_smoke(recipe: Recipe, recipe_dir: Path, run: RunDir) -> Recipe:
-    sm = smoke_recipe(recipe, recipe_dir, run)
-    build_base(recipe, recipe_dir, run, sm.base_model.family)
-    return sm
-

@@ -65,7 +65,6 @@ def test_bad_input_exits_cleanly_and_leaves_the_run_intact(legal_run, tmp_path):
 
 
 def test_missing_and_empty_data_are_user_errors(tmp_path):
-    from finetune.pipeline import Context
     from finetune.prepare import prepare
     from finetune.recipe import load_recipe
     from finetune.smoke import build_tokenizer
@@ -80,7 +79,6 @@ def test_missing_and_empty_data_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no usable rows"):
         prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     assert not (tmp_path / "run" / "data").exists()  # nothing half-written
-    assert Context  # imported for type completeness
 
 
 def test_rejects_are_counted_with_row_numbers(tmp_path):
