@@ -168,7 +168,7 @@ def quantize_leftover_linears(model: nn.Module, recipe: Recipe) -> list[str]:
             continue
         if name in skip or name.split(".")[-1] in skip:
             continue
-        if not (type(module) is not nn.Linear or name.startswith(expert_prefixes)):
+        if type(module) is nn.Linear and not name.startswith(expert_prefixes):
             continue  # an exact nn.Linear transformers chose not to convert: respect that
         if type(module) is not nn.Linear and not _behaves_like_linear(module):
             log.warning("left %s (%s) in 16-bit: its forward is not a plain linear map", name, type(module).__name__)
