@@ -44,7 +44,7 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
 
 
 def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
-    prov = read_json(run.data / "provenance.json", {"sources": [], "stats": {}})
+    prov = read_json(run.data / "provenance.json", {"sources": []})
     report = read_json(run.eval / "report.json", {"tasks": []})
     check = read_json(run.merge_check, None)
     summary = read_json(run.adapter / "training_summary.json", {})
@@ -76,12 +76,17 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     q = summary.get("quantization", {})
     if q.get("bits") == 4:
         lines.append(f"- 4-bit: {q['quantized_modules']} layers, {100 * q['share_of_block_matmul_weights']:.1f}% of block matmul weights")
-    lines += ["", "## Data provenance", "", "| source | licence | rows read | kept | rejected |", "|---|---|---|---|---|"]
+    lines += ["", "## Data provenance", "", "| source | licence | sha256 | rows read | kept | removed |", "|---|---|---|---|---|---|"]
     for p in prov["sources"]:
-        lines.append(f"| {_source_name(p)} | {p.get('license') or 'unknown'} | {p['rows_read']} | {p['rows_kept']} | {p['rows_rejected']} |")
-    st = prov.get("stats", {})
-    if st:
-        lines += ["", f"{st['train']['n']} training and {st['val'].get('n', 0)} validation examples; {st['rejected']} rows rejected."]
+        removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.get("removed", {}).items() if v) or "none"
+        digest = (p.get("sha256") or p.get("fingerprint") or "")[:12]
+        lines.append(f"| {_source_name(p)} | {p.get('license') or 'unknown'} | `{digest}` | {p['rows_read']} | {p['rows_kept']} | {removed} |")
+    splits = prov.get("splits")
+    if splits:
+        lines += ["", f"{splits['train']['n']} training and {splits['val']['n']} validation examples; {prov['rejected']} rows rejected."]
+    pii = prov.get("quality", {}).get("pii")
+    if pii and pii["rows"]:
+        lines += [f"Personal data: {pii['rows']} rows with findings ({pii['action']})."]
     if check:
         lines += ["", "## Merge check", "",
                   f"Merged into the {check['base']} base and saved as {check['saved_dtype']}. On {check['probes']} probe rows the adapter "

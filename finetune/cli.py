@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from data_prep.errors import DataError
+
 from .errors import PublishRefused, StageFailed, UserError
 from .run import STAGES
 
@@ -42,7 +44,7 @@ def _guard(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (UserError, PublishRefused, StageFailed) as e:
+        except (UserError, DataError, PublishRefused, StageFailed) as e:
             _fail(e, e.exit_code)
         except typer.Exit:
             raise
@@ -175,6 +177,19 @@ def schema() -> None:
     from .recipe import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def _add_data_commands() -> None:
+    from . import data_cli
+
+    for cmd in data_cli.app.registered_commands:
+        cmd.callback = _guard(cmd.callback)
+    for cmd in data_cli.synth_app.registered_commands:
+        cmd.callback = _guard(cmd.callback)
+    app.add_typer(data_cli.app, name="data")
+
+
+_add_data_commands()
 
 
 def main() -> None:

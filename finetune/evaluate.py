@@ -63,13 +63,14 @@ def perplexity_score(per_example: list[tuple[float, int]], n_boot: int = 1000, s
 
 
 def _task_examples(recipe: Recipe, recipe_dir: Path, tok, task) -> list[dict]:
-    from data_prep.formats import iter_file, read_rows
+    from data_prep.sources.load import load_source
+    from data_prep.spec import Source
 
     from .errors import UserError
     from .templates import TemplateError, encode
 
-    res = read_rows(iter_file(resolve_path(recipe_dir, task.path)), "auto", {}, task.path)
-    rows = res.rows[: task.max_samples] if task.max_samples else res.rows
+    res = load_source(Source(path=task.path, limit=task.max_samples), recipe_dir)
+    rows = res.rows
     examples = []
     for r in rows:
         try:

@@ -24,7 +24,7 @@ from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write
 log = logging.getLogger("finetune")
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
-            "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb")
+            "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb", "datasketch", "pyarrow")
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
 
 
@@ -118,6 +118,14 @@ def _files(run: RunDir, *paths: Path) -> dict[str, str]:
     return out
 
 
+def _digest(p: Path) -> str:
+    if p.is_dir():
+        from data_prep.sources.readers import sha256_folder
+
+        return sha256_folder(sorted(q for q in p.rglob("*") if q.is_file()), p)
+    return sha256_file(p) if p.exists() else "missing"
+
+
 def _base_inputs(ctx: Context) -> dict[str, str]:
     if ctx.smoke:
         return _files(ctx.run, ctx.run.base)
@@ -131,12 +139,13 @@ def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, st
     if ctx.smoke:
         base["id"] = "smoke"  # the stand-in's path may move with the run dir; its files are hashed below
     if stage == "prepare":
-        src = {}
-        for s in r.data.sources:
-            if s.path:
-                p = resolve_path(ctx.recipe_dir, s.path)
-                src[s.path] = sha256_file(p) if p.exists() else "missing"
-        return {"data": r.data.model_dump(), "base_model": base}, {**src, **_base_inputs(ctx)}
+        # Everything the build reads: sources, id lists, adapter option files, and the eval sets it decontaminates against.
+        paths = [t.path for t in r.eval.tasks]
+        for s in list(r.data.sources) + list(r.data.quality.decontaminate.against):
+            paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
+            paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
+        src = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
+        return {"data": r.data.model_dump(), "eval_tasks": [t.path for t in r.eval.tasks], "base_model": base}, {**src, **_base_inputs(ctx)}
     if stage == "train":
         sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
         return {**sections, "base_model": base, "max_length": r.data.max_length}, {**_files(run, run.data / "train.jsonl", run.data / "val.jsonl"), **_base_inputs(ctx)}

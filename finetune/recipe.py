@@ -9,26 +9,21 @@ Importing this module must not import torch.
 
 from __future__ import annotations
 
-import difflib
-import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from data_prep.schema import Section, explain
+from data_prep.spec import DataSpec, Source, resolve_path  # noqa: F401  (the data section is data_prep's schema)
 
 from .errors import UserError
 
 FAMILIES = ("llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2")
 Family = Literal["llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2"]
 Dtype = Literal["bfloat16", "float16", "float32"]
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, never silently dropped."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class BaseModelSpec(Section):
@@ -44,55 +39,6 @@ class BaseModelSpec(Section):
     license: str | None = Field(None, description="Licence of the base model weights (SPDX-style id, e.g. `apache-2.0`); goes into the model card.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on for repositories you trust.")
     dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (embeddings, norms, lm_head) and of the 16-bit base.")
-
-
-class Source(Section):
-    """One input of the instruction set."""
-
-    path: str | None = Field(None, description="Local JSON or JSONL file, relative to the recipe file's folder (or absolute).")
-    hub: str | None = Field(None, description="Hugging Face dataset id, read with `datasets.load_dataset` (needs network on first use).")
-    config: str | None = Field(None, description="Dataset configuration name (with `hub`).")
-    split: str = Field("train", description="Dataset split to read (with `hub`).")
-    revision: str | None = Field(None, description="Dataset revision (with `hub`); pin a commit for reproducible runs.")
-    format: Literal["auto", "alpaca", "messages"] = Field(
-        "auto",
-        description="Row layout: `alpaca` ({instruction, input?, output}), `messages` ({messages: [{role, content}]}); "
-        "`auto` decides per file from the first row.",
-    )
-    fields: dict[str, str] = Field(
-        default_factory=dict,
-        description="Rename source columns to Alpaca's names, e.g. `{instruction: question, output: answer}`.",
-    )
-    license: str | None = Field(None, description="Licence of this data (SPDX-style id); recorded in provenance and the model card.")
-
-    @model_validator(mode="after")
-    def _one_location(self) -> Source:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of `path` or `hub`")
-        bad = set(self.fields) - {"instruction", "input", "output", "messages", "id"}
-        if bad:
-            raise ValueError(f"`fields` maps onto instruction, input, output, messages or id; not {sorted(bad)}")
-        return self
-
-
-class DataSpec(Section):
-    """How the instruction set is read, split and rendered."""
-
-    sources: list[Source] = Field(min_length=1, description="Where the training rows come from; rows of all sources are pooled.")
-    template: Literal["alpaca", "chat"] = Field(
-        "alpaca",
-        description="`alpaca`: Stanford Alpaca's prompt, byte for byte (prompt ends at `### Response:`, the output and EOS follow); "
-        "`chat`: the tokenizer's chat template (`messages` rows, or Alpaca rows turned into a user/assistant turn).",
-    )
-    system_prompt: str | None = Field(None, description="System message prepended to every conversation (`chat` template only).")
-    max_length: int = Field(2048, gt=8, description="Longest training example in tokens, prompt + response + EOS (BioMistral packs 2,048).")
-    overlong: Literal["drop", "truncate", "error"] = Field(
-        "drop",
-        description="Rows longer than `max_length`: `drop` them, `truncate` the response (keeping EOS supervised), or stop with an `error`. Counts are always reported.",
-    )
-    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rows held out for validation, chosen by content hash (stable across runs).")
-    val_max: int | None = Field(1000, ge=1, description="Cap on validation rows, so evaluation stays quick on big sets.")
-    min_rows: int = Field(1, ge=1, description="Fewest usable training rows; fewer is an error (an empty dataset never trains).")
 
 
 class QuantizationSpec(Section):
@@ -253,8 +199,11 @@ class Recipe(Section):
             raise ValueError("lora: null asks for full fine-tuning, which finetune does not offer; set `lora:` (QLoRA/LoRA)")
         if "merged" in self.publish.what and not self.merge.enabled:
             raise ValueError("publish.what includes `merged` but merge.enabled is false")
-        if self.data.template == "alpaca" and any(s.format == "messages" for s in self.data.sources):
+        if self.data.template == "alpaca" and any(s.format == "messages" or s.adapter == "sharegpt" for s in self.data.sources):
             raise ValueError("data.template `alpaca` cannot render `messages` sources; use data.template: chat")
+        if any(s.format == "text" for s in self.data.sources):
+            raise ValueError("data.sources: `text` sources (raw documents) cannot be trained on as instructions; turn them into "
+                             "instructions with `finetune data synth grounded`")
         return self
 
 
@@ -327,32 +276,6 @@ def _list_item(node: list, part: str, where: str, item: str) -> Any:
     return node[idx]
 
 
-def _section_class(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model class inside an annotation such as `LoraSpec | None` or `list[EvalTask]`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation) if get_origin(annotation) is not None else ():
-        found = _section_class(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid key names of the section at `loc` (a pydantic error location, list indices included)."""
-    cls: type[BaseModel] | None = Recipe
-    for part in loc:
-        if cls is None:
-            return []
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(part)
-        if field is None:
-            return []
-        cls = _section_class(field.annotation)
-    return list(cls.model_fields) if cls is not None else []
-
-
 # Names other tools (and older transformers/trl) use for our fields: a typo close to one of these is pointed at ours.
 ALIASES = {
     "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate", "epochs": "num_train_epochs",
@@ -363,46 +286,11 @@ ALIASES = {
 }
 
 
-def _did_you_mean(key: str, valid: list[str]) -> str | None:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    alias = difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.7)
-    if alias and ALIASES[alias[0]] in valid:
-        return ALIASES[alias[0]]
-    return None
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            valid = _fields_at(loc[:-1])
-            close = _did_you_mean(key, valid)
-            hint = f"; did you mean '{close}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
-            lines.append(f"{path}: unknown key{hint}")
-            continue
-        value = e.get("input")
-        shown = json.dumps(value, default=str)[:80] if not isinstance(value, dict) else "{…}"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "literal_error" and isinstance(value, str):
-            choices = re.findall(r"'([^']+)'", msg)
-            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-            if close:
-                msg += f"; did you mean '{close[0]}'?"
-        lines.append(f"{path}: {msg} (got {shown})" if e["type"] != "missing" else f"{path}: required key is missing")
-    head = f"{source}: invalid recipe ({len(lines)} problem{'s' if len(lines) > 1 else ''})"
-    return head + "\n  " + "\n  ".join(lines)
-
-
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_errors(e, source)) from None
+        raise UserError(explain(e, source, Recipe, "recipe", ALIASES)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
@@ -410,12 +298,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     path = Path(path)
     data = apply_overrides(_yaml_load(path), overrides or [])
     return parse_recipe(data, str(path)), path.resolve().parent
-
-
-def resolve_path(base_dir: Path, p: str) -> Path:
-    """Data paths in a recipe are relative to the recipe file's folder, so a recipe works from any directory."""
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else (base_dir / q)
 
 
 def json_schema() -> dict[str, Any]:

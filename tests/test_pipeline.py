@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from data_prep.errors import DataError
 from finetune.errors import UserError
 from finetune.pipeline import make_context, run_stages, start
 from finetune.run import STAGES, RunDir
@@ -71,14 +72,22 @@ def test_missing_and_empty_data_are_user_errors(tmp_path):
 
     tok = build_tokenizer(["x y z"] * 3)
     r, _ = load_recipe(RECIPES / "legal.yaml", ["data.sources.0.path=nope.jsonl"])
-    with pytest.raises(UserError, match="data file not found"):
+    with pytest.raises(DataError, match="nope.jsonl: not found"):
         prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "", "output": "x"}\n{"instruction": "q"}\nnot json\n')
-    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={bad}"])
-    with pytest.raises(UserError, match="no usable rows"):
+    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={bad}", "data.quality.max_reject_rate=1.0"])
+    with pytest.raises(DataError, match="no usable rows"):
         prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     assert not (tmp_path / "run" / "data").exists()  # nothing half-written
+    # Past the reject threshold, the build stops, and the rejected rows are kept with their reasons.
+    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={bad}"])
+    with pytest.raises(DataError, match=r"3 of 3 rows rejected \(100% > quality.max_reject_rate 10%\)"):
+        prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
+    kept = [json.loads(l) for l in (tmp_path / "run/logs/prepare-rejects.jsonl").read_text().splitlines()]
+    assert [(k["row"], k["reason"]) for k in kept] == [(1, "empty field 'instruction'"), (2, "missing field 'output'"),
+                                                       (3, "invalid JSON (Expecting value at column 1)")]
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_rejects_are_counted_with_row_numbers(tmp_path):
@@ -90,10 +99,11 @@ def test_rejects_are_counted_with_row_numbers(tmp_path):
     data = tmp_path / "d.jsonl"
     good = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(8)]
     data.write_text("\n".join(good[:4] + ['{"instruction": 3, "output": "x"}', good[0], "{oops"] + good[4:]) + "\n")
-    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={data}"])
+    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={data}", "data.quality.max_reject_rate=0.2"])
     stats = prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     rejects = [json.loads(l) for l in (tmp_path / "run/data/rejects.jsonl").read_text().splitlines()]
-    assert sorted((x["row"], x["reason"].split(" ")[0]) for x in rejects) == [(5, "field"), (6, "exact"), (7, "invalid")]
+    assert sorted((x["row"], x["filter"], x["reason"].split(" ")[0]) for x in rejects) == [
+        (5, "invalid", "field"), (6, "exact_duplicate", "exact"), (7, "invalid", "invalid")]
     assert stats["train"]["n"] + stats["val"]["n"] == 8 and stats["rejected"] == 3
 
 

@@ -1,0 +1,237 @@
+"""Building an instruction set: every source read and validated, then cleaned in order (exact dedupe, near
+dedupe, decontamination, PII), split by content hash, and documented (provenance.json, datacard.md, lengths.png).
+
+`collect` is what the recipe's prepare stage calls (it tokenises afterwards with the recipe's template);
+`build` is `finetune data build`: collect, split, write. Every row read ends up in train, val or rejects.jsonl
+(with its source, row number, the filter that removed it and why), or is counted as not selected by
+include_ids/exclude_ids. Importable without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import DataError
+from .formats import content_hash, hashed_id, row_texts
+from .quality import decontam, dedupe, pii
+from .sources.load import load_source
+from .spec import BuildSpec, DataSpec, Source
+from .split import split_by_hash
+
+log = logging.getLogger("finetune")
+
+FILTERS = ("invalid", "overlong", "exact_duplicate", "near_duplicate", "contaminated", "pii")
+
+
+class RejectRateExceeded(DataError):
+    """Too many invalid rows in a source; carries the rejects so they can be written before the build stops."""
+
+    def __init__(self, message: str, rejects: list[dict[str, Any]]):
+        super().__init__(message)
+        self.rejects = rejects
+
+
+@dataclass
+class Collected:
+    rows: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+    sources: list[dict[str, Any]]  # provenance, one entry per source
+    quality: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def eval_texts(src: Source, base_dir: Path) -> list[str]:
+    """The texts of an eval set, read like any source (adapters and mappings included), for decontamination.
+    An instruction shared by several items is the task's template (LegalBench's task description, a sample set's
+    fixed question), not an item's content: it is left out, or every training row of the same task would match."""
+    rows = load_source(src, base_dir).rows
+    shared = Counter(r["instruction"] for r in rows if "instruction" in r)
+    texts = []
+    for r in rows:
+        if "instruction" in r and shared[r["instruction"]] > 1:
+            texts.append("\n".join(t for t in (r["input"], r["output"]) if t))
+        else:
+            texts.append("\n".join(row_texts(r)))
+    return texts
+
+
+def _top_reasons(rejects: list[dict[str, Any]], k: int = 3) -> str:
+    reasons = Counter(r["reason"].split(" (")[0] for r in rejects)
+    return "; ".join(f"{reason} ×{n}" for reason, n in reasons.most_common(k))
+
+
+def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[str]]] = (),
+            token_len: Callable[[dict[str, Any]], int] | None = None, progress: bool = False) -> Collected:
+    """Read, validate and clean every source. `eval_sets`: (name, texts) to decontaminate against, on top of
+    `quality.decontaminate.against`. `token_len`: a row's length in the recipe's tokens, to apply `max_length`."""
+    t0 = time.perf_counter()
+    q = spec.quality
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    for src in spec.sources:
+        loaded = load_source(src, base_dir, progress)
+        removed = Counter({k: 0 for k in FILTERS})
+        removed["invalid"] = len(loaded.rejects)
+        kept = loaded.rows
+        if token_len is not None and spec.overlong != "truncate":
+            fits = []
+            for r in kept:
+                n = token_len(r)
+                if n <= spec.max_length:
+                    fits.append(r)
+                    continue
+                if spec.overlong == "error":
+                    raise DataError(f"{r['_source']} row {r['_row']}: {n} tokens > max_length {spec.max_length} (overlong: error)")
+                loaded.rejects.append({"source": r["_source"], "row": r["_row"], "filter": "overlong",
+                                       "reason": f"{n} tokens > max_length {spec.max_length}"})
+                removed["overlong"] += 1
+            kept = fits
+        rejects.extend(loaded.rejects)
+        bad = removed["invalid"] + removed["overlong"]
+        if loaded.read and bad / loaded.read > q.max_reject_rate:
+            raise RejectRateExceeded(
+                f"{src.name}: {bad} of {loaded.read} rows rejected ({bad / loaded.read:.0%} > quality.max_reject_rate "
+                f"{q.max_reject_rate:.0%}): {_top_reasons(loaded.rejects)}. Check the source's fields/adapter.", rejects)
+        for r in kept:
+            r["_origin"] = len(sources)
+        rows.extend(kept)
+        sources.append({**loaded.info, "rows_read": loaded.read, "not_selected": loaded.not_selected, "removed": removed})
+
+    def drop(pairs: list[tuple[dict[str, Any], str]], kind: str) -> None:
+        for r, reason in pairs:
+            rejects.append({"source": r["_source"], "row": r["_row"], "filter": kind, "reason": reason})
+            sources[r["_origin"]]["removed"][kind] += 1
+
+    quality: dict[str, Any] = {"dedupe": q.dedupe}
+    if q.dedupe in ("exact", "near"):
+        rows, gone = dedupe.exact(rows)
+        drop(gone, "exact_duplicate")
+    if q.dedupe == "near":
+        rows, gone = dedupe.near(rows, q.near.threshold, q.near.num_perm, q.near.ngram, progress)
+        drop(gone, "near_duplicate")
+        quality["near"] = q.near.model_dump()
+
+    dc = q.decontaminate
+    if dc.enabled:
+        index = decontam.EvalIndex(dc.ngram, dc.min_words)
+        names = []
+        for name, texts in eval_sets:
+            index.add(name, texts)
+            names.append(name)
+        for src in dc.against:
+            index.add(src.name, eval_texts(src, base_dir))
+            names.append(src.name)
+        rows_clean, hits = decontam.decontaminate(rows, index)
+        by_set = Counter(reason.split("eval set ")[-1].strip("'") for _, reason in hits)
+        quality["decontamination"] = {"ngram": dc.ngram, "action": dc.action, "eval_sets": names, "eval_items": index.items,
+                                      "overlapping_rows": len(hits), "by_eval_set": dict(by_set),
+                                      "flagged_rows": [hashed_id(r) for r, _ in hits] if dc.action == "flag" else []}
+        if dc.action == "remove":
+            rows = rows_clean
+            drop(hits, "contaminated")
+
+    if q.pii.action != "off":
+        kinds = set(q.pii.kinds)
+        counts: Counter = Counter()
+        affected: list[str] = []
+        out = []
+        for s in sources:
+            s["pii_rows"] = 0
+        for r in rows:
+            red, found = pii.scan_row(r, kinds)
+            if not found:
+                out.append(r)
+                continue
+            counts.update(found.counts)
+            affected.append(hashed_id(r))
+            sources[r["_origin"]]["pii_rows"] += 1
+            if q.pii.action == "drop":
+                drop([(r, "personal data: " + ", ".join(sorted(found.counts)))], "pii")
+            else:
+                out.append(red if q.pii.action == "redact" else r)
+        rows = out
+        # Counts and hashed row ids only: never the text that was found.
+        quality["pii"] = {"action": q.pii.action, "kinds": sorted(kinds), "findings": dict(counts), "rows": len(affected),
+                          "row_ids_sha256": affected, "names": "by title or label only (no offline NER model)"}
+    for r in rows:
+        r["_hash"] = content_hash(r)
+        r.setdefault("id", r["_hash"][:16])
+    kept_by_source = Counter(r["_origin"] for r in rows)
+    for i, s in enumerate(sources):
+        s["rows_kept"] = kept_by_source.get(i, 0)
+        s["removed"] = dict(s["removed"])
+    rejects.sort(key=lambda r: (r["source"], r["row"]))
+    return Collected(rows, rejects, sources, quality, time.perf_counter() - t0)
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as written to train/val.jsonl: content, id, and where it came from."""
+    out = {k: v for k, v in row.items() if not k.startswith("_")}
+    out["source"], out["row"] = row["_source"], row["_row"]
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Built:
+    out: Path
+    train: int
+    val: int
+    rejected: int
+    rows_read: int
+    seconds: float
+
+
+def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[dict[str, Any]], int] | None = None,
+          tokenizer_name: str | None = None, progress: bool = False) -> Built:
+    """`finetune data build`: collect, split and write into `out` (replaced only when the build succeeds)."""
+    from .datacard import lengths, write_docs
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    try:
+        got = collect(spec, base_dir, token_len=token_len, progress=progress)
+    except RejectRateExceeded as e:
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "rejects.jsonl", e.rejects)  # nothing is lost, even when the build stops
+        raise DataError(f"{e} Rejected rows with reasons: {out / 'rejects.jsonl'}") from None
+    train, val = split_by_hash(got.rows, spec.val_fraction, spec.val_max)
+    if len(train) < spec.min_rows:
+        raise DataError(f"{spec.name}: {len(train)} training rows after cleaning, fewer than min_rows={spec.min_rows}")
+    unit = "tokens" if token_len else "words"
+    measure = token_len or (lambda r: sum(len(t.split()) for t in row_texts(r)))
+    tmp.mkdir(parents=True)
+    write_jsonl(tmp / "train.jsonl", [public(r) for r in train])
+    write_jsonl(tmp / "val.jsonl", [public(r) for r in val])
+    write_jsonl(tmp / "rejects.jsonl", got.rejects)
+    stats = {"train": lengths([measure(r) for r in train]), "val": lengths([measure(r) for r in val]), "unit": unit,
+             "tokenizer": tokenizer_name, "max_length": spec.max_length if token_len else None}
+    write_docs(tmp, spec.name, got, stats)
+    if out.exists():
+        import shutil
+
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return Built(out, len(train), len(val), len(got.rejects), sum(s["rows_read"] for s in got.sources), time.perf_counter() - t0)

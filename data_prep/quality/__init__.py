@@ -1,0 +1,1 @@
+"""Cleaning after validation: exact and near deduplication, decontamination against eval sets, PII."""

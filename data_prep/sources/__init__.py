@@ -1,0 +1,1 @@
+"""Readers (files, folders, Hugging Face datasets) and adapters for public schemas."""

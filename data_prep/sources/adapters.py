@@ -1,0 +1,223 @@
+"""Adapters: one small function per public schema, turning one raw row into an Alpaca row
+({instruction, input, output}) or a conversation ({messages: [...]}).
+
+How to add one:
+1. Write `def myschema(row: dict, *, option=default, ...) -> dict` below. Read fields with `_text(row, "name")`, which
+   rejects a missing, empty or non-string field with a clear reason; raise `RowError("why")` for any other bad row
+   (it goes to rejects.jsonl with its row number; the build goes on).
+2. Decorate it with `@adapter("myschema")`; pass `columns=(...)` when the schema's CSV files have no header row.
+3. Use it from a recipe: `{path: data.csv, adapter: myschema, options: {option: value}}`. Options are checked against
+   the function's keyword arguments, so a typo gets a did-you-mean. Options whose name ends in `_file` arrive as
+   absolute paths (resolved against the recipe's folder).
+4. Add a test in tests/test_adapters.py with a row written in the test.
+
+Importable without torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError, RowError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    fn: Callable[..., dict[str, Any]]
+    columns: tuple[str, ...] | None  # column names when the schema's CSVs have no header row
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def adapter(name: str, columns: tuple[str, ...] | None = None):
+    def register(fn):
+        ADAPTERS[name] = Adapter(fn, columns)
+        return fn
+
+    return register
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the adapter does not take (ValueError, shown with the recipe's dotted path)."""
+    params = [p for p in inspect.signature(ADAPTERS[name].fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    valid = [p.name for p in params]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; it takes: {', '.join(valid)}" if valid else "; it takes none")
+            raise ValueError(f"adapter {name!r} has no option {key!r}{hint}")
+
+
+def _text(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        raise RowError(f"missing field '{key}'")
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"field '{key}' is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise RowError(f"empty field '{key}'")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Math
+
+
+_GSM8K_FINAL = re.compile(r"\n?####\s*(?P<answer>[^\n]+?)\s*$")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+@adapter("gsm8k")
+def gsm8k(row: dict[str, Any], *, boxed: bool = False, calculator: bool = True) -> dict[str, Any]:
+    """GSM8K (Cobbe et al. 2021): {question, answer}, the answer a worked solution ending in a `#### N` line.
+
+    boxed: end the solution with `\\boxed{N}` instead of `#### N`, OpenMath's answer format (the number loses its
+        thousands separators there, so `\\boxed{}` holds a plain number).
+    calculator: keep the `<<48/2=24>>` calculator annotations of the original solutions (False removes them).
+    """
+    question, answer = _text(row, "question"), _text(row, "answer")
+    m = _GSM8K_FINAL.search(answer)
+    if not m:
+        raise RowError("field 'answer' has no final '#### N' line")
+    body = answer[: m.start()].rstrip()
+    if not calculator:
+        body = _CALCULATOR.sub("", body)
+    final = m.group("answer").strip()
+    tail = f"\\boxed{{{final.replace(',', '')}}}" if boxed else f"#### {final}"
+    return {"instruction": question, "input": "", "output": f"{body}\n{tail}" if body else tail}
+
+
+# --------------------------------------------------------------------------------------------------
+# Medical
+
+
+@adapter("pubmedqa")
+def pubmedqa(row: dict[str, Any], *, contexts: bool = True, long_answer: bool = True) -> dict[str, Any]:
+    """PubMedQA PQA-L (Jin et al. 2019): {QUESTION, CONTEXTS: [abstract sections], final_decision, LONG_ANSWER}, keyed by PMID.
+
+    The question is answered yes, no or maybe, then (long_answer) explained by the abstract's conclusion.
+    contexts: give the abstract (without its conclusion) as the input, as in PubMedQA's reasoning-required setting.
+    """
+    question = _text(row, "QUESTION")
+    decision = _text(row, "final_decision").strip().lower()
+    if decision not in ("yes", "no", "maybe"):
+        raise RowError(f"final_decision {decision!r} is not yes, no or maybe")
+    context = ""
+    if contexts:
+        parts = row.get("CONTEXTS")
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+            raise RowError("field 'CONTEXTS' must be a non-empty list of strings")
+        context = "\n".join(p.strip() for p in parts)
+    output = decision
+    if long_answer:
+        output = f"{decision}. {_text(row, 'LONG_ANSWER').strip()}"
+    return {"instruction": f"{question.strip()}\nAnswer yes, no or maybe.", "input": context, "output": output}
+
+
+# --------------------------------------------------------------------------------------------------
+# Legal
+
+
+@functools.lru_cache(maxsize=32)
+def _legalbench_prompt(path: str) -> str:
+    """The task description of a LegalBench base_prompt.txt: the text before its first few-shot example, plus the
+    question its examples ask (`Q: {{text}} Is there hearsay?` gives "Is there hearsay?")."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the LegalBench prompt file ({e})") from None
+    description = re.split(r"(?m)^Q:", text, maxsplit=1)[0].strip()
+    m = re.search(r"\{\{text\}\}(?P<question>[^\n]*)", text)
+    if not m:
+        raise DataError(f"{path}: no '{{{{text}}}}' placeholder, so this is not a LegalBench base prompt")
+    return "\n\n".join(p for p in (description, m.group("question").strip()) if p)
+
+
+@adapter("legalbench")
+def legalbench(row: dict[str, Any], *, instruction: str | None = None, prompt_file: str | None = None,
+               text_field: str = "text", label_field: str = "label") -> dict[str, Any]:
+    """LegalBench-style classification tasks (Guha et al. 2023): TSV rows {text, label}, plus the task's instruction.
+
+    instruction: the task's instruction, written out; or
+    prompt_file: the task's base_prompt.txt, whose description and question become the instruction.
+    """
+    if (instruction is None) == (prompt_file is None):
+        raise DataError("adapter 'legalbench' needs exactly one of options.instruction or options.prompt_file")
+    task = instruction if instruction is not None else _legalbench_prompt(prompt_file)
+    return {"instruction": task, "input": _text(row, text_field).strip(), "output": _text(row, label_field).strip()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+
+
+@adapter("mmlu", columns=MMLU_COLUMNS)
+def mmlu(row: dict[str, Any], *, subject: str | None = None) -> dict[str, Any]:
+    """Multiple-choice CSV in MMLU's layout (Hendrycks et al. 2021): question, A, B, C, D, answer (a letter). MMLU's
+    files have no header row; these column names are then used. The output is the answer's letter.
+
+    subject: named in the instruction ("... about professional law"), as MMLU's own prompt does.
+    """
+    question = _text(row, "question").strip()
+    options = [f"{k}. {_text(row, k).strip()}" for k in "ABCD"]
+    answer = _text(row, "answer").strip().upper()
+    if answer not in ("A", "B", "C", "D"):
+        raise RowError(f"answer {answer!r} is not one of A, B, C, D")
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    return {"instruction": f"The following is a multiple choice question{about}. Answer with the letter of the correct option.",
+            "input": question + "\n" + "\n".join(options), "output": answer}
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversations
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                   "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+
+@adapter("sharegpt")
+def sharegpt(row: dict[str, Any], *, system: str | None = None) -> dict[str, Any]:
+    """ShareGPT / Vicuna conversations: {conversations: [{from: human|gpt|system, value}]} (rows already in
+    {messages: [{role, content}]} pass through). As FastChat does, leading turns before the first user turn are dropped
+    and a trailing user turn with no answer is cut.
+
+    system: a system message for conversations that have none.
+    """
+    turns = row.get("conversations", row.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise RowError("field 'conversations' must be a non-empty list")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RowError(f"conversations[{i}] is not an object")
+        who = t.get("from", t.get("role"))
+        text = t.get("value", t.get("content"))
+        role = _SHAREGPT_ROLES.get(str(who).lower())
+        if role is None:
+            raise RowError(f"conversations[{i}] has unknown speaker {who!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise RowError(f"conversations[{i}] has an empty or non-string value")
+        messages.append({"role": role, "content": text})
+    head = [m for m in messages[:1] if m["role"] == "system"] or ([{"role": "system", "content": system}] if system else [])
+    rest = messages[1:] if messages[0]["role"] == "system" else messages
+    while rest and rest[0]["role"] != "user":
+        rest = rest[1:]
+    while rest and rest[-1]["role"] != "assistant":
+        rest = rest[:-1]
+    if not rest:
+        raise RowError("conversation has no user turn answered by the assistant")
+    for a, b in zip(rest, rest[1:]):
+        if a["role"] == b["role"]:
+            raise RowError(f"two {a['role']} turns in a row")
+    return {"messages": head + rest}

@@ -1,0 +1,256 @@
+"""`finetune data build|validate|stats|synth`: the data_prep package from the command line. Importing this module
+must not import torch (a local teacher imports it when used)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from data_prep.errors import DataError
+
+app = typer.Typer(no_args_is_help=True, help="Build, check and synthesise instruction sets (Alpaca-style).")
+synth_app = typer.Typer(no_args_is_help=True, help="Synthetic instructions from a teacher model.")
+app.add_typer(synth_app, name="synth")
+
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Public schema adapter: gsm8k, pubmedqa, legalbench, mmlu, sharegpt.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", help="Adapter option KEY=VALUE (repeatable), e.g. --option boxed=true.")]
+FieldOpt = Annotated[Optional[list[str]], typer.Option("--field", help="Column mapping OURS=THEIRS (repeatable), e.g. --field instruction=question.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Row layout: auto, alpaca, messages, text.")]
+ReaderOpt = Annotated[str, typer.Option("--reader", help="auto, jsonl, json, csv, tsv, parquet, documents, hf_disk.")]
+TokOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (Hub id or folder) to count tokens with.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")]
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, Any]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise DataError(f"{what} {it!r}: expected KEY=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    return out
+
+
+def _file_source(file: Path, adapter, option, field, fmt, reader):
+    from pydantic import ValidationError
+
+    from data_prep.schema import explain
+    from data_prep.spec import Source
+
+    spec = {"path": str(file.resolve()), "format": fmt, "reader": reader, "fields": {k: str(v) for k, v in _pairs(field, "--field").items()}}
+    if adapter:
+        spec.update(adapter=adapter, options=_pairs(option, "--option"))
+    try:
+        return Source.model_validate(spec)
+    except ValidationError as e:
+        raise DataError(explain(e, str(file), Source, "source options")) from None
+
+
+def _token_counter(tokenizer: str | None, template: str = "alpaca", system_prompt: str | None = None):
+    """A row's length in tokens as training will see it (the template rendered, EOS included)."""
+    if not tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    from .templates import TemplateError, encode
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:
+        raise DataError(f"--tokenizer {tokenizer}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def count(row):
+        from data_prep.errors import RowError
+
+        if "text" in row:
+            return len(tok(row["text"], add_special_tokens=False)["input_ids"])
+        try:
+            return len(encode(tok, row, template, system_prompt).input_ids)
+        except TemplateError as e:
+            raise RowError(str(e)) from None
+
+    return count
+
+
+@app.command()
+def build(spec: Annotated[Path, typer.Argument(help="A data spec YAML (name:, sources:, quality: ...) or a recipe (its data: section).")],
+          out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default built/<name>/).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
+          tokenizer: TokOpt = None, progress: ProgressOpt = True) -> None:
+    """Build an instruction set: train.jsonl, val.jsonl, rejects.jsonl, provenance.json, datacard.md, lengths.png."""
+    from pydantic import ValidationError
+
+    from data_prep.build import build as run_build
+    from data_prep.schema import explain
+    from data_prep.spec import BuildSpec, Source, resolve_path
+
+    from .recipe import _yaml_load, apply_overrides
+
+    data = apply_overrides(_yaml_load(spec), set_ or [])
+    base_dir = spec.resolve().parent
+    if "base_model" in data:  # a recipe: its data section, decontaminated against its eval tasks like the prepare stage
+        from .recipe import parse_recipe
+
+        recipe = parse_recipe(data, str(spec))
+        d = recipe.data.model_dump()
+        d["quality"]["decontaminate"]["against"] += [Source(path=str(resolve_path(base_dir, t.path))).model_dump() for t in recipe.eval.tasks]
+        data = {"name": recipe.name, **d}
+    try:
+        bspec = BuildSpec.model_validate(data)
+    except ValidationError as e:
+        raise DataError(explain(e, str(spec), BuildSpec, "data spec")) from None
+    tok_name = tokenizer or bspec.tokenizer
+    counter = _token_counter(tok_name, bspec.template, bspec.system_prompt)
+    built = run_build(bspec, base_dir, out or Path("built") / bspec.name, token_len=counter, tokenizer_name=tok_name, progress=progress)
+    rate = built.rows_read / built.seconds if built.seconds else 0
+    typer.secho(f"{bspec.name}: {built.rows_read} rows read, {built.train} train, {built.val} val, {built.rejected} rejected "
+                f"in {built.seconds:.1f} s ({rate:,.0f} rows/s)", err=True)
+    typer.echo(str(built.out))
+
+
+def _read(file, adapter, option, field, fmt, reader, progress):
+    from data_prep.sources.load import load_source
+
+    src = _file_source(file, adapter, option, field, fmt, reader)
+    return load_source(src, Path.cwd(), progress)
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Argument(help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
+             field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", tokenizer: TokOpt = None,
+             max_length: Annotated[int, typer.Option("--max-length", help="With --tokenizer: longest row in tokens.")] = 2048,
+             rejects: Annotated[Optional[Path], typer.Option("--rejects", help="Write the rejected rows (row number + reason) here.")] = None,
+             progress: ProgressOpt = False) -> None:
+    """Check every row (fields, types, UTF-8, duplicate ids, length); exit 2 when any row is invalid."""
+    from data_prep.build import write_jsonl
+
+    loaded = _read(file, adapter, option, field, fmt, reader, progress)
+    bad = list(loaded.rejects)
+    count = _token_counter(tokenizer)
+    if count:
+        from data_prep.errors import RowError
+
+        for r in loaded.rows:
+            try:
+                n = count(r)
+            except RowError as e:
+                bad.append({"source": r["_source"], "row": r["_row"], "filter": "invalid", "reason": str(e)})
+                continue
+            if n > max_length:
+                bad.append({"source": r["_source"], "row": r["_row"], "filter": "overlong", "reason": f"{n} tokens > {max_length}"})
+    bad.sort(key=lambda r: r["row"])
+    if rejects:
+        write_jsonl(rejects, bad)
+    typer.echo(f"{file}: {loaded.read} rows read, {loaded.read - len(bad)} valid, {len(bad)} invalid")
+    for reason, n in Counter(r["reason"].split(" (")[0] for r in bad).most_common(10):
+        rows = [str(r["row"]) for r in bad if r["reason"].split(" (")[0] == reason][:5]
+        typer.echo(f"  {n:6d} × {reason}  (rows {', '.join(rows)}{' …' if n > 5 else ''})")
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def stats(file: Annotated[Path, typer.Argument(help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
+          field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", tokenizer: TokOpt = None,
+          png: Annotated[Optional[Path], typer.Option("--png", help="Write a length histogram here.")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:
+    """Counts, lengths, duplicates, personal-data findings and label balance of a data file."""
+    from data_prep.datacard import histogram, lengths
+    from data_prep.formats import normalised_hash, row_texts
+    from data_prep.quality.pii import PATTERNS, scan_row
+
+    loaded = _read(file, adapter, option, field, fmt, reader, progress)
+    rows = loaded.rows
+    count = _token_counter(tokenizer) or (lambda r: sum(len(t.split()) for t in row_texts(r)))
+    unit = "tokens" if tokenizer else "words"
+    lens = lengths([count(r) for r in rows])
+    hashes = Counter(normalised_hash(r) for r in rows)
+    pii: Counter = Counter()
+    pii_rows = 0
+    kinds = {k for k, _, _ in PATTERNS}
+    for r in rows:
+        _, found = scan_row(r, kinds)
+        pii.update(found.counts)
+        pii_rows += bool(found)
+    layouts = Counter("messages" if "messages" in r else "text" if "text" in r else "alpaca" for r in rows)
+    outputs = Counter(r["output"].strip() for r in rows if "output" in r)
+    labels = dict(outputs.most_common(20)) if rows and len(outputs) <= 20 else None  # a classification set: show its balance
+    result = {"file": str(file), "rows_read": loaded.read, "valid": len(rows), "invalid": len(loaded.rejects), "layouts": dict(layouts),
+              "with_input": sum(1 for r in rows if r.get("input")), "exact_duplicates": sum(n - 1 for n in hashes.values()),
+              "length_unit": unit, "lengths": {k: v for k, v in lens.items() if k != "values"},
+              "pii": {"rows": pii_rows, "findings": dict(pii)}, "labels": labels}
+    if png:
+        histogram(png, {"train": lens, "val": lengths([]), "unit": unit}, f"{file.name}: lengths")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    L = result["lengths"]
+    typer.echo(f"{file}: {loaded.read} rows read, {len(rows)} valid, {len(loaded.rejects)} invalid; layouts {dict(layouts)}")
+    if L["n"]:
+        typer.echo(f"  length ({unit}): mean {L['mean']}, min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}")
+    typer.echo(f"  with input: {result['with_input']}; exact duplicates: {result['exact_duplicates']}")
+    typer.echo(f"  personal data: {pii_rows} rows ({', '.join(f'{k} {v}' for k, v in sorted(pii.items())) or 'none'})")
+    if labels:
+        typer.echo("  outputs: " + ", ".join(f"{k!r} {v}" for k, v in labels.items()))
+
+
+TeacherOpt = Annotated[str, typer.Option("--teacher", help="OpenAI-compatible endpoint (http://HOST:PORT/v1) or local:PATH (a transformers model).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model name the endpoint serves.")]
+KeyEnvOpt = Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key (never a flag: keys stay out of shell history).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output JSONL; rows are appended as they arrive and a rerun continues it.")]
+
+
+def _teacher(teacher: str, model: str | None, api_key_env: str, api: str, retries: int):
+    from data_prep.synth.teacher import make_teacher
+
+    try:
+        return make_teacher(teacher, model, api=api, api_key_env=api_key_env, retries=retries)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+@synth_app.command("self-instruct")
+def self_instruct(seeds: Annotated[Path, typer.Option("--seeds", help="Seed tasks JSONL ({instruction, instances: [{input, output}]}).")],
+                  out: OutOpt, teacher: TeacherOpt, model: ModelOpt = None,
+                  prompt: Annotated[Optional[Path], typer.Option("--prompt", help="Generation prompt (default: prompt.txt beside the seeds).")] = None,
+                  num: Annotated[int, typer.Option("--num", help="Tasks to keep.")] = 100,
+                  seed: Annotated[int, typer.Option("--seed", help="Seed of the seed-task sampling.")] = 42,
+                  temperature: Annotated[float, typer.Option("--temperature", help="Alpaca: 1.0.")] = 1.0,
+                  max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many requests in all.")] = None,
+                  api: Annotated[str, typer.Option("--api", help="chat or completions.")] = "chat",
+                  api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: Annotated[int, typer.Option("--retries")] = 4,
+                  progress: ProgressOpt = True) -> None:
+    """Alpaca's self-instruct: new tasks from seed tasks, keyword filters and ROUGE-L < 0.7 novelty."""
+    from data_prep.synth.selfinstruct import load_seeds, self_instruct as run
+
+    prompt = prompt or seeds.parent / "prompt.txt"
+    try:
+        header = prompt.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{prompt}: cannot read the generation prompt ({e}); pass --prompt") from None
+    result = run(_teacher(teacher, model, api_key_env, api, retries), load_seeds(seeds), header, out, num=num, seed=seed,
+                 temperature=temperature, max_requests=max_requests, progress=progress)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@synth_app.command("grounded")
+def grounded(docs: Annotated[Path, typer.Option("--docs", help="Folder of .txt/.md domain documents.")], out: OutOpt, teacher: TeacherOpt,
+             model: ModelOpt = None, domain: Annotated[str, typer.Option("--domain", help="Named in the prompt (legal, medical ...).")] = "domain",
+             per_chunk: Annotated[int, typer.Option("--per-chunk", help="Pairs asked per chunk.")] = 3,
+             chunk_words: Annotated[int, typer.Option("--chunk-words", help="Words per chunk.")] = 350,
+             min_grounding: Annotated[float, typer.Option("--min-grounding", help="Share of answer words that must occur in the chunk.")] = 0.5,
+             limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N chunks.")] = None,
+             api: Annotated[str, typer.Option("--api", help="chat or completions.")] = "chat",
+             api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: Annotated[int, typer.Option("--retries")] = 4,
+             progress: ProgressOpt = True) -> None:
+    """Instruction/answer pairs grounded in chunks of your documents (SaulLM-style)."""
+    from data_prep.synth.grounded import grounded as run
+
+    result = run(_teacher(teacher, model, api_key_env, api, retries), docs, out, domain=domain, per_chunk=per_chunk,
+                 chunk_words=chunk_words, min_grounding=min_grounding, limit=limit, progress=progress)
+    typer.echo(json.dumps(result, indent=2))
