@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import DataError
-from .formats import content_hash, hashed_id, row_texts
+from .formats import content_hash, content_texts, hashed_id, row_texts
 from .quality import decontam, dedupe, pii
 from .sources.load import load_source
 from .spec import BuildSpec, DataSpec, Source
@@ -48,18 +48,9 @@ class Collected:
 
 
 def eval_texts(src: Source, base_dir: Path) -> list[str]:
-    """The texts of an eval set, read like any source (adapters and mappings included), for decontamination.
-    An instruction shared by several items is the task's template (LegalBench's task description, a sample set's
-    fixed question), not an item's content: it is left out, or every training row of the same task would match."""
-    rows = load_source(src, base_dir).rows
-    shared = Counter(r["instruction"] for r in rows if "instruction" in r)
-    texts = []
-    for r in rows:
-        if "instruction" in r and shared[r["instruction"]] > 1:
-            texts.append("\n".join(t for t in (r["input"], r["output"]) if t))
-        else:
-            texts.append("\n".join(row_texts(r)))
-    return texts
+    """The texts of an eval set, read like any source (adapters and mappings included), for decontamination
+    (task templates left out: see formats.content_texts)."""
+    return content_texts(load_source(src, base_dir).rows)
 
 
 def _top_reasons(rejects: list[dict[str, Any]], k: int = 3) -> str:

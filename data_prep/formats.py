@@ -86,8 +86,20 @@ def row_texts(row: dict[str, Any]) -> list[str]:
     return [row["instruction"], row["input"], row["output"]]
 
 
-def row_length_text(row: dict[str, Any]) -> str:
-    return "\n".join(t for t in row_texts(row) if t)
+def content_texts(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's distinctive text. An instruction shared by several rows is the task's template (LegalBench's task
+    description, a classification prompt), not the row's content: left in, it would make every row of a task look
+    like a near duplicate of the others, or like a copy of any eval item of the same task."""
+    from collections import Counter
+
+    shared = Counter(r["instruction"] for r in rows if "instruction" in r)
+    out = []
+    for r in rows:
+        if "instruction" in r and shared[r["instruction"]] > 1:
+            out.append("\n".join(t for t in (r["input"], r["output"]) if t))
+        else:
+            out.append("\n".join(t for t in row_texts(r) if t))
+    return out
 
 
 def content_hash(row: dict[str, Any]) -> str:

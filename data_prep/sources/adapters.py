@@ -98,6 +98,9 @@ def gsm8k(row: dict[str, Any], *, boxed: bool = False, calculator: bool = True) 
 # Medical
 
 
+PUBMEDQA_INSTRUCTION = "Answer the research question with yes, no or maybe, using the context if given, then explain briefly."
+
+
 @adapter("pubmedqa")
 def pubmedqa(row: dict[str, Any], *, contexts: bool = True, long_answer: bool = True) -> dict[str, Any]:
     """PubMedQA PQA-L (Jin et al. 2019): {QUESTION, CONTEXTS: [abstract sections], final_decision, LONG_ANSWER}, keyed by PMID.
@@ -105,20 +108,19 @@ def pubmedqa(row: dict[str, Any], *, contexts: bool = True, long_answer: bool = 
     The question is answered yes, no or maybe, then (long_answer) explained by the abstract's conclusion.
     contexts: give the abstract (without its conclusion) as the input, as in PubMedQA's reasoning-required setting.
     """
-    question = _text(row, "QUESTION")
+    question = _text(row, "QUESTION").strip()
     decision = _text(row, "final_decision").strip().lower()
     if decision not in ("yes", "no", "maybe"):
         raise RowError(f"final_decision {decision!r} is not yes, no or maybe")
-    context = ""
+    text = question
     if contexts:
         parts = row.get("CONTEXTS")
         if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
             raise RowError("field 'CONTEXTS' must be a non-empty list of strings")
-        context = "\n".join(p.strip() for p in parts)
-    output = decision
-    if long_answer:
-        output = f"{decision}. {_text(row, 'LONG_ANSWER').strip()}"
-    return {"instruction": f"{question.strip()}\nAnswer yes, no or maybe.", "input": context, "output": output}
+        text = f"{question}\n\nContext:\n" + "\n".join(p.strip() for p in parts)
+    output = f"{decision}. {_text(row, 'LONG_ANSWER').strip()}" if long_answer else decision
+    # One fixed task instruction: the question is the row's content (and what decontamination compares).
+    return {"instruction": PUBMEDQA_INSTRUCTION, "input": text, "output": output}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def _delimited(path: Path, delimiter: str, columns: list[str] | None,
                 if not any(c.strip() for c in rec):
                     continue  # blank line
                 if len(rec) != len(header):
-                    yield n, RowError(f"has {len(rec)} fields, the header has {len(header)}")
+                    yield n, RowError(f"has {len(rec)} fields, expected {len(header)} ({', '.join(header)})")
                     continue
                 bad = [h for h, v in zip(header, rec) if has_surrogates(v)]
                 if bad:
