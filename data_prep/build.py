@@ -129,6 +129,7 @@ def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[s
             rows = rows_clean
             drop(hits, "contaminated")
 
+    quality["pii"] = {"action": "off"}  # recorded, so "not scanned" is visible rather than absent
     if q.pii.action != "off":
         kinds = set(q.pii.kinds)
         counts: Counter = Counter()

@@ -107,7 +107,7 @@ def datacard(name: str, prov: dict[str, Any]) -> str:
     else:
         lines.append("- Decontamination: off")
     p = q.get("pii")
-    if p:
+    if p and p["action"] != "off":
         found = ", ".join(f"{k} {v}" for k, v in sorted(p["findings"].items())) or "none"
         lines.append(f"- Personal data ({p['action']}): {p['rows']} rows; findings: {found}. Names are found by title or label only. "
                      "Hashed row ids in provenance.json.")

@@ -85,7 +85,7 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     if splits:
         lines += ["", f"{splits['train']['n']} training and {splits['val']['n']} validation examples; {prov['rejected']} rows rejected."]
     pii = prov.get("quality", {}).get("pii")
-    if pii and pii["rows"]:
+    if pii and pii.get("rows"):
         lines += [f"Personal data: {pii['rows']} rows with findings ({pii['action']})."]
     if check:
         lines += ["", "## Merge check", "",

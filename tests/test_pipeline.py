@@ -82,7 +82,7 @@ def test_missing_and_empty_data_are_user_errors(tmp_path):
     assert not (tmp_path / "run" / "data").exists()  # nothing half-written
     # Past the reject threshold, the build stops, and the rejected rows are kept with their reasons.
     r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={bad}"])
-    with pytest.raises(DataError, match=r"3 of 3 rows rejected \(100% > quality.max_reject_rate 10%\)"):
+    with pytest.raises(DataError, match=r"3 of 3 rows rejected \(100% > quality.max_reject_rate 5%\)"):
         prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     kept = [json.loads(l) for l in (tmp_path / "run/logs/prepare-rejects.jsonl").read_text().splitlines()]
     assert [(k["row"], k["reason"]) for k in kept] == [(1, "empty field 'instruction'"), (2, "missing field 'output'"),

@@ -42,6 +42,14 @@ def test_smoke_run_leaves_every_artifact(smoke_runs, name):
     assert all(manifest["stages"][s]["status"] == "done" for s in STAGES)
     lock = json.loads((run / "run.lock.json").read_text())
     assert lock["versions"]["torch"] and lock["data"]["train.jsonl"]
+    # prepare went through data_prep: every quality filter ran and every row read is accounted for
+    prov = json.loads((run / "data/provenance.json").read_text())
+    assert {"dedupe", "near", "decontamination", "pii"} <= prov["quality"].keys()
+    assert prov["quality"]["decontamination"]["eval_sets"] == [f"{name}-samples"]
+    src = prov["sources"][0]
+    rejected = sum(1 for _ in (run / "data/rejects.jsonl").read_text().splitlines())
+    assert src["rows_read"] == src["rows_kept"] + sum(src["removed"].values()) == prov["splits"]["train"]["n"] + prov["splits"]["val"]["n"] + rejected
+    assert (run / "data/lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -55,18 +63,22 @@ def test_demo_command_twice_from_the_command_line(tmp_path):
     assert [l.split()[1] for l in second.stderr.splitlines() if l.split()[:1] and l.split()[0] in STAGES] == ["skipped"] * 5
 
 
-def test_prepare_reads_real_gsm8k_with_a_field_mapping(shared_datasets, tmp_path):
+def test_math_recipe_prepares_real_gsm8k_through_data_prep(shared_datasets, tmp_path):
+    """The shipped math recipe's prepare stage, pointed at the local GSM8K files instead of the Hub: adapter with
+    \\boxed{} answers, decontamination against the test split, then the recipe's template and tokenizer."""
     from finetune.prepare import prepare
     from finetune.recipe import load_recipe
     from finetune.run import RunDir
     from finetune.smoke import build_tokenizer
 
-    path = shared_datasets / "gsm8k" / "test.jsonl"
-    r, _ = load_recipe(RECIPES / "math.yaml", [f"data.sources.0.path={path}", "data.sources.0.hub=null", "data.sources.0.config=null",
-                                               "data.max_length=4096"])
-    tok = build_tokenizer([l for l in path.read_text().splitlines()[:200]])
+    g = shared_datasets / "gsm8k"
+    local = lambda key, f: [f"{key}.path={g / f}", f"{key}.hub=null", f"{key}.config=null"]  # noqa: E731
+    r, _ = load_recipe(RECIPES / "math.yaml", local("data.sources.0", "train.jsonl") + local("data.quality.decontaminate.against.0", "test.jsonl"))
+    tok = build_tokenizer([l for l in (g / "train.jsonl").read_text().splitlines()[:300]])
     stats = prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
-    assert stats["rows_read"] == 1319 and stats["rejected"] == 0
-    assert stats["train"]["n"] + stats["val"]["n"] == 1319 and stats["val"]["n"] == 66  # 5%, by content hash
+    prov = json.loads((tmp_path / "run/data/provenance.json").read_text())
+    assert stats["rows_read"] == 7473 and prov["sources"][0]["removed"]["contaminated"] == 11
+    assert stats["train"]["n"] + stats["val"]["n"] + stats["rejected"] == 7473 and stats["val"]["n"] == 373
     row = json.loads((tmp_path / "run/data/train.jsonl").read_text().splitlines()[0])
-    assert "####" in row["completion"] and row["labels"][-1] == tok.eos_token_id
+    assert row["completion"].endswith("\\boxed{72}") and row["labels"][-1] == tok.eos_token_id
+    assert (tmp_path / "run/data/lengths.png").exists() and "tokens" in (tmp_path / "run/data/datacard.md").read_text()
