@@ -419,3 +419,22 @@ def test_data_benchmark_script_runs(shared_datasets):
     assert out.returncode == 0, out.stderr
     assert "Rows: 7473 read, 7089 train, 373 val, 11 rejected (11 contaminated, 0 near duplicates)" in out.stdout
     assert "| near dedupe (MinHash LSH) |" in out.stdout
+
+
+def test_data_build_counts_tokens_with_a_tokenizer(tmp_path):
+    """`--tokenizer`: lengths in the tokenizer's tokens of the rendered Alpaca example, overlong rows rejected."""
+    from finetune.smoke import build_tokenizer
+    from finetune.templates import encode
+
+    rows = [alpaca(i) for i in range(12)] + [alpaca(50, output="notice period " * 60)]
+    jsonl(tmp_path / "d.jsonl", rows)
+    tok = build_tokenizer([json.dumps(r) for r in rows])
+    tok.save_pretrained(tmp_path / "tok")
+    limit = max(len(encode(tok, {**r, "input": ""}, "alpaca").input_ids) for r in rows[:12])
+    (tmp_path / "spec.yaml").write_text(f"name: t\nsources: [{{path: d.jsonl}}]\nmax_length: {limit}\nval_fraction: 0\n")
+    out = subprocess.run([sys.executable, "-m", "finetune.cli", "data", "build", "spec.yaml", "--tokenizer", str(tmp_path / "tok"),
+                          "--out", "out", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    prov = json.loads((tmp_path / "out/provenance.json").read_text())
+    assert prov["sources"][0]["removed"]["overlong"] == 1 and prov["length_unit"] == "tokens"
+    assert prov["splits"]["train"]["max"] == limit and prov["max_length"] == limit
