@@ -202,6 +202,8 @@ def stats(file: Annotated[Path, typer.Argument(help="A data file or folder.")], 
 TeacherOpt = Annotated[str, typer.Option("--teacher", help="OpenAI-compatible endpoint (http://HOST:PORT/v1) or local:PATH (a transformers model).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model name the endpoint serves.")]
 KeyEnvOpt = Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key (never a flag: keys stay out of shell history).")]
+ApiOpt = Annotated[str, typer.Option("--api", help="chat (/chat/completions) or completions (/completions).")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries on network errors, 429 and 5xx, with exponential backoff.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output JSONL; rows are appended as they arrive and a rerun continues it.")]
 
 
@@ -222,9 +224,7 @@ def self_instruct(seeds: Annotated[Path, typer.Option("--seeds", help="Seed task
                   seed: Annotated[int, typer.Option("--seed", help="Seed of the seed-task sampling.")] = 42,
                   temperature: Annotated[float, typer.Option("--temperature", help="Alpaca: 1.0.")] = 1.0,
                   max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many requests in all.")] = None,
-                  api: Annotated[str, typer.Option("--api", help="chat or completions.")] = "chat",
-                  api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: Annotated[int, typer.Option("--retries")] = 4,
-                  progress: ProgressOpt = True) -> None:
+                  api: ApiOpt = "chat", api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: RetriesOpt = 4, progress: ProgressOpt = True) -> None:
     """Alpaca's self-instruct: new tasks from seed tasks, keyword filters and ROUGE-L < 0.7 novelty."""
     from data_prep.synth.selfinstruct import load_seeds, self_instruct as run
 
@@ -245,9 +245,7 @@ def grounded(docs: Annotated[Path, typer.Option("--docs", help="Folder of .txt/.
              chunk_words: Annotated[int, typer.Option("--chunk-words", help="Words per chunk.")] = 350,
              min_grounding: Annotated[float, typer.Option("--min-grounding", help="Share of answer words that must occur in the chunk.")] = 0.5,
              limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N chunks.")] = None,
-             api: Annotated[str, typer.Option("--api", help="chat or completions.")] = "chat",
-             api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: Annotated[int, typer.Option("--retries")] = 4,
-             progress: ProgressOpt = True) -> None:
+             api: ApiOpt = "chat", api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: RetriesOpt = 4, progress: ProgressOpt = True) -> None:
     """Instruction/answer pairs grounded in chunks of your documents (SaulLM-style)."""
     from data_prep.synth.grounded import grounded as run
 
