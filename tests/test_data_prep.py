@@ -438,3 +438,21 @@ def test_data_build_counts_tokens_with_a_tokenizer(tmp_path):
     prov = json.loads((tmp_path / "out/provenance.json").read_text())
     assert prov["sources"][0]["removed"]["overlong"] == 1 and prov["length_unit"] == "tokens"
     assert prov["splits"]["train"]["max"] == limit and prov["max_length"] == limit
+
+
+def test_hub_source_passes_id_config_split_and_revision(monkeypatch, tmp_path):
+    """Hub sources go through datasets.load_dataset with the pinned revision, and provenance records it (a stand-in
+    for load_dataset here: tests never touch the network)."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        return datasets.Dataset.from_list([{"question": "Q1?", "answer": "A1 #### 3"}, {"question": "Q2?", "answer": "A2 #### 4"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    got = load_source(Source(hub="openai/gsm8k", config="main", split="test", revision="e53f048", adapter="gsm8k"), tmp_path)
+    assert calls == [("openai/gsm8k", "main", "test", "e53f048")]
+    assert [r["output"] for r in got.rows] == ["A1\n#### 3", "A2\n#### 4"]
+    assert got.info["hub"] == "openai/gsm8k" and got.info["revision"] == "e53f048" and got.info["fingerprint"]
