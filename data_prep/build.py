@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DataError
+from .errors import DataError, RowError
 from .formats import content_hash, content_texts, hashed_id, row_texts
 from .quality import decontam, dedupe, pii
 from .sources.load import load_source
@@ -75,7 +75,12 @@ def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[s
         if token_len is not None and spec.overlong != "truncate":
             fits = []
             for r in kept:
-                n = token_len(r)
+                try:
+                    n = token_len(r)
+                except RowError as e:  # the template cannot render it
+                    loaded.rejects.append({"source": r["_source"], "row": r["_row"], "filter": "invalid", "reason": str(e)})
+                    removed["invalid"] += 1
+                    continue
                 if n <= spec.max_length:
                     fits.append(r)
                     continue

@@ -139,3 +139,22 @@ def test_qlora_step_and_verified_merge_for_every_family(family, tmp_path):
     assert not any("lora" in k for k in merged.state_dict())
     check = json.loads((tmp_path / "merge_check.json").read_text())
     assert check["passed"] and check["reloaded_tensors_differing"] == 0
+
+
+def test_rows_the_template_cannot_render_are_rejected_not_fatal(tmp_path):
+    """A messages row in an Alpaca-template recipe is one bad row (rejected with the template's reason), not a crash."""
+    from finetune.prepare import prepare
+    from finetune.recipe import load_recipe
+    from finetune.smoke import build_tokenizer
+
+    tok = build_tokenizer(["q a"] * 3)
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]
+    rows.insert(3, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r, _ = load_recipe(RECIPES / "legal.yaml", [f"data.sources.0.path={data}", "data.sources.0.format=auto"])
+    stats = prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
+    rejects = [json.loads(l) for l in (tmp_path / "run/data/rejects.jsonl").read_text().splitlines()]
+    assert [(x["row"], x["filter"], x["reason"]) for x in rejects] == [
+        (4, "invalid", "the alpaca template renders instruction/input/output rows, not messages")]
+    assert stats["train"]["n"] + stats["val"]["n"] == 30
