@@ -132,6 +132,16 @@ class QualitySpec(Section):
         "wrong mapping rather than a few bad rows. Duplicates and contaminated rows are not counted.",
     )
 
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _pii_shorthand(cls, v: Any) -> Any:
+        return {"action": v} if isinstance(v, str) else v  # `pii: redact` means `pii: {action: redact}`
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _decontaminate_shorthand(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v  # `decontaminate: true` means `{enabled: true}`
+
 
 class DataSpec(Section):
     """How the instruction set is read, cleaned, split and rendered."""

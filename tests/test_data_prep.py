@@ -459,3 +459,11 @@ def test_hub_source_passes_id_config_split_and_revision(monkeypatch, tmp_path):
     assert calls == [("openai/gsm8k", "main", "test", "e53f048")]
     assert [r["output"] for r in got.rows] == ["A1\n#### 3", "A2\n#### 4"]
     assert got.info["hub"] == "openai/gsm8k" and got.info["revision"] == "e53f048" and got.info["fingerprint"]
+
+
+def test_quality_shorthands_from_design():
+    """DESIGN.md's sketch writes `quality: {dedupe: near, pii: redact, decontaminate: true}`; it means the full form."""
+    q = spec(sources=[{"path": "x.jsonl"}], quality={"dedupe": "near", "pii": "flag", "decontaminate": False}).quality
+    assert q.pii.action == "flag" and q.decontaminate.enabled is False and q.decontaminate.ngram == 13
+    with pytest.raises(ValueError, match="pii.action"):
+        spec(sources=[{"path": "x.jsonl"}], quality={"pii": "redacted"})
