@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .errors import DataError
-from .schema import Section, did_you_mean, explain
+from .schema import Section, did_you_mean
 from .sources.adapters import ADAPTERS, check_options
 
 ALPACA_FIELDS = ("instruction", "input", "output", "messages", "id", "text")
@@ -180,23 +178,6 @@ class BuildSpec(DataSpec):
         if v is not None and not v.strip():
             raise ValueError("empty tokenizer name")
         return v
-
-
-def load_spec(path: str | Path) -> tuple[BuildSpec, Path]:
-    """Read a standalone data spec; returns it with the folder its relative paths are resolved against."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: spec file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise DataError(f"{path}: cannot read spec ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: a data spec is a YAML mapping (name:, sources: ...)")
-    try:
-        return BuildSpec.model_validate(data), path.resolve().parent
-    except ValidationError as e:
-        raise DataError(explain(e, str(path), BuildSpec, "data spec")) from None
 
 
 def resolve_path(base_dir: Path, p: str) -> Path:

@@ -57,22 +57,18 @@ def _token_counter(tokenizer: str | None, template: str = "alpaca", system_promp
         return None
     from transformers import AutoTokenizer
 
-    from .templates import TemplateError, encode
+    from .templates import row_encoder
 
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     except Exception as e:
         raise DataError(f"--tokenizer {tokenizer}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    enc = row_encoder(tok, template, system_prompt)
 
     def count(row):
-        from data_prep.errors import RowError
-
         if "text" in row:
             return len(tok(row["text"], add_special_tokens=False)["input_ids"])
-        try:
-            return len(encode(tok, row, template, system_prompt).input_ids)
-        except TemplateError as e:
-            raise RowError(str(e)) from None
+        return len(enc(row).input_ids)
 
     return count
 

@@ -20,28 +20,9 @@ from data_prep.split import split_by_hash
 from .errors import UserError
 from .recipe import Recipe
 from .run import RunDir
-from .templates import Encoded, TemplateError, encode, truncate
+from .templates import row_encoder, truncate
 
 log = logging.getLogger("finetune")
-
-
-def _encoder(tok, recipe: Recipe):
-    d = recipe.data
-
-    def enc(row: dict[str, Any]) -> Encoded:
-        cached = row.get("_enc")
-        if cached is not None:
-            return cached
-        try:
-            out = encode(tok, row, d.template, d.system_prompt)
-        except TemplateError as e:
-            if "no chat template" in str(e) or "no EOS" in str(e):
-                raise UserError(f"data.template: {e}") from None
-            raise RowError(str(e)) from None
-        row["_enc"] = out
-        return out
-
-    return enc
 
 
 def encode_rows(rows: list[dict], enc, recipe: Recipe, rejects: list[dict], eos: int) -> tuple[list[dict], dict[str, int]]:
@@ -63,7 +44,7 @@ def encode_rows(rows: list[dict], enc, recipe: Recipe, rejects: list[dict], eos:
                 continue
             e = cut
             counts["overlong_truncated"] += 1
-        out.append({**public({k: v for k, v in r.items() if k != "_enc"}), "prompt": e.prompt, "completion": e.completion,
+        out.append({**public(r), "prompt": e.prompt, "completion": e.completion,
                     "input_ids": e.input_ids, "labels": e.labels})
     return out, counts
 
@@ -75,7 +56,7 @@ def decontamination_sets(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, li
 
 def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any]:
     d = recipe.data
-    enc = _encoder(tok, recipe)
+    enc = row_encoder(tok, d.template, d.system_prompt)
     token_len = None if d.overlong == "truncate" else (lambda r: len(enc(r).input_ids))
     try:
         got = collect(d, recipe_dir, eval_sets=decontamination_sets(recipe, recipe_dir), token_len=token_len)

@@ -126,6 +126,28 @@ def _adds_bos(tok) -> bool:
     return cached
 
 
+def row_encoder(tok, template: str, system_prompt: str | None = None):
+    """`encode` for the data build: a row's encoding is cached on the row (the length check and the tokenising step
+    share it); a row the template cannot render is a RowError (rejected, the build goes on); a tokenizer that cannot
+    render any row (no chat template, no EOS) is a DataError (the build stops with one message)."""
+    from data_prep.errors import DataError, RowError
+
+    def enc(row: dict[str, Any]) -> Encoded:
+        cached = row.get("_enc")
+        if cached is not None:
+            return cached
+        try:
+            out = encode(tok, row, template, system_prompt)
+        except TemplateError as e:
+            if "no chat template" in str(e) or "no EOS" in str(e):
+                raise DataError(f"data.template: {e}") from None
+            raise RowError(str(e)) from None
+        row["_enc"] = out
+        return out
+
+    return enc
+
+
 def truncate(enc: Encoded, max_length: int, eos: int) -> Encoded | None:
     """Cut the response so the example fits, keeping the EOS supervised; None when the prompt alone does not fit."""
     first_label = next((i for i, x in enumerate(enc.labels) if x != -100), len(enc.labels))
