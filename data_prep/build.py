@@ -94,7 +94,7 @@ def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[s
         bad = removed["invalid"] + removed["overlong"]
         if loaded.read and bad / loaded.read > q.max_reject_rate:
             raise RejectRateExceeded(
-                f"{src.name}: {bad} of {loaded.read} rows rejected ({bad / loaded.read:.0%} > quality.max_reject_rate "
+                f"{src.origin}: {bad} of {loaded.read} rows rejected ({bad / loaded.read:.0%} > quality.max_reject_rate "
                 f"{q.max_reject_rate:.0%}): {_top_reasons(loaded.rejects)}. Check the source's fields/adapter.", rejects)
         for r in kept:
             r["_origin"] = len(sources)
@@ -123,8 +123,8 @@ def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[s
             index.add(name, texts)
             names.append(name)
         for src in dc.against:
-            index.add(src.name, eval_texts(src, base_dir))
-            names.append(src.name)
+            index.add(src.origin, eval_texts(src, base_dir))
+            names.append(src.origin)
         rows_clean, hits = decontam.decontaminate(rows, index)
         by_set = Counter(reason.split("eval set ")[-1].strip("'") for _, reason in hits)
         quality["decontamination"] = {"ngram": dc.ngram, "action": dc.action, "eval_sets": names, "eval_items": index.items,

@@ -15,8 +15,8 @@ from .sources.adapters import ADAPTERS, check_options
 ALPACA_FIELDS = ("instruction", "input", "output", "messages", "id", "text")
 
 
-class Source(Section):
-    """One input of the instruction set: a file, a folder, or a Hugging Face dataset, optionally through an adapter."""
+class Location(Section):
+    """Where rows are read from: a file, a folder, or a Hugging Face dataset (shared by training sources and eval tasks)."""
 
     path: str | None = Field(
         None,
@@ -33,6 +33,30 @@ class Source(Section):
     columns: list[str] | None = Field(
         None, description="Column names for a CSV/TSV without a header row (MMLU's CSVs have none); the first row is then data."
     )
+    include_ids: str | None = Field(
+        None, description="JSON file whose keys (object) or items (list) are the only row ids to keep, e.g. an official test split's ids."
+    )
+    exclude_ids: str | None = Field(
+        None, description="JSON file whose keys or items are row ids to leave out (PubMedQA: train on the ids not in the test set)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read only the first N rows (quick runs).")
+    license: str | None = Field(None, description="Licence of this data (SPDX-style id); recorded in provenance and the model card.")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "Location":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` or `hub`")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """How the data is named in rejects, provenance, reports and messages: its path, or hf://id/config:split."""
+        return self.path or f"hf://{self.hub}" + (f"/{self.config}" if self.config else "") + f":{self.split}"
+
+
+class Source(Location):
+    """One input of the instruction set: a file, a folder, or a Hugging Face dataset, optionally through an adapter."""
+
     adapter: str | None = Field(
         None,
         description="Turn a public schema into Alpaca rows: " + ", ".join(f"`{k}`" for k in ADAPTERS) + " (see data_prep/sources/adapters.py).",
@@ -52,19 +76,9 @@ class Source(Section):
         description="Rename source columns to ours, e.g. `{instruction: question, output: answer}`; a column that does not "
         "exist is an error with a did-you-mean over the real columns.",
     )
-    include_ids: str | None = Field(
-        None, description="JSON file whose keys (object) or items (list) are the only row ids to keep, e.g. an official test split's ids."
-    )
-    exclude_ids: str | None = Field(
-        None, description="JSON file whose keys or items are row ids to leave out (PubMedQA: train on the ids not in the test set)."
-    )
-    limit: int | None = Field(None, ge=1, description="Read only the first N rows (quick runs).")
-    license: str | None = Field(None, description="Licence of this data (SPDX-style id); recorded in provenance and the model card.")
 
     @model_validator(mode="after")
     def _check(self) -> Source:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of `path` or `hub`")
         bad = sorted(set(self.fields) - set(ALPACA_FIELDS))
         if bad:
             close = did_you_mean(bad[0], list(ALPACA_FIELDS))
@@ -79,11 +93,6 @@ class Source(Section):
         elif self.options:
             raise ValueError("`options` are adapter options; set `adapter:` too")
         return self
-
-    @property
-    def name(self) -> str:
-        """How the source is named in rejects, provenance and messages."""
-        return self.path or f"hf://{self.hub}" + (f"/{self.config}" if self.config else "") + f":{self.split}"
 
 
 class NearDedupeSpec(Section):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .evaluate import report_markdown
+from .harness import report_markdown
 from .recipe import Recipe
 from .run import RunDir, read_json
 

@@ -113,12 +113,63 @@ _stage_command("train", "Train the adapter (runs prepare first if it is not done
 _stage_command("merge", "Merge the adapter into a 16-bit base and verify it (runs earlier stages if needed).")
 
 
+_stage_command("cpt", "Continued pretraining on the recipe's raw text (when its stages are [cpt, sft]; runs prepare first).")
+
+
 @app.command(name="eval")
 @_guard
-def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory (its recipe.yaml says what to evaluate).")],
-          force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if done.")] = False) -> None:
-    """Evaluate base vs tuned for a run directory (the run's eval stage)."""
-    _existing_run(run_dir, "eval", force)
+def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", help="A run directory, a Hugging Face-format model folder, or an adapter folder.")],
+          tasks: Annotated[Optional[Path], typer.Option("--tasks", help="Task file (YAML, `tasks: [...]`); default for a run: the recipe's eval.")] = None,
+          adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder: the report then has base and tuned side by side.")] = None,
+          out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default RUN/eval-<tasks> or ./eval-<model>).")] = None,
+          template: Annotated[Optional[str], typer.Option("--template", help="Force every task's template: raw, alpaca or chat.")] = None,
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
+          max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score at most N items per task (quick runs).")] = None,
+          bits: Annotated[int, typer.Option("--bits", help="Load a plain model in 16 bits, or 4/8 through bitsandbytes.")] = 16,
+          force: Annotated[bool, typer.Option("--force", help="Run directory without --tasks: re-evaluate even if done.")] = False) -> None:
+    """Evaluate a model (and its adapter) on tasks defined in YAML; for a run directory, base vs tuned as its recipe says."""
+    if template is not None and template not in ("raw", "alpaca", "chat"):
+        raise UserError(f"--template {template!r}: choose raw, alpaca or chat")
+    if bits not in (4, 8, 16):
+        raise UserError(f"--bits {bits}: choose 4, 8 or 16")
+    if tasks is None:
+        if not (target / "recipe.yaml").exists():
+            raise UserError(f"{target}: not a run directory; give the tasks to evaluate a model on with --tasks TASKS.yaml")
+        _existing_run(target, "eval", force)
+        return
+    from .evaluate import eval_command
+
+    _quiet_libraries()
+    folder = eval_command(target, tasks, adapter, out, template, batch_size, max_samples, bits)
+    typer.echo((folder / "report.md").read_text(encoding="utf-8"))
+    typer.echo(str(folder))
+
+
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation budget per answer.")]
+TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (reproducible); above 0 samples.")]
+
+
+@app.command()
+@_guard
+def generate(run_dir: Annotated[Path, typer.Argument(help="A run directory with a trained adapter.")],
+             prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
+             max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
+    """Answer one prompt with the tuned model, streaming the output."""
+    from .chat import generate as run_generate
+
+    _quiet_libraries()
+    run_generate(run_dir, prompt, max_new_tokens, temperature)
+
+
+@app.command()
+@_guard
+def chat(run_dir: Annotated[Path, typer.Argument(help="A run directory with a trained adapter.")],
+         max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
+    """Talk to the tuned model in the recipe's own template (/reset, /exit)."""
+    from .chat import chat as run_chat
+
+    _quiet_libraries()
+    run_chat(run_dir, max_new_tokens, temperature)
 
 
 @app.command()
@@ -154,7 +205,9 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
                   {stage} if force else set())
     _quiet_libraries()
     setup_logging(run)
-    missing = [s for s in STAGES[: STAGES.index(stage)] if (run.stage_record(s) or {}).get("status") != "done"]
+    from .pipeline import active_stages
+
+    missing = [s for s in active_stages(recipe)[: active_stages(recipe).index(stage)] if (run.stage_record(s) or {}).get("status") != "done"]
     if missing:
         raise UserError(f"{run_dir}: stage {missing[0]} is not done; run `finetune run RECIPE` first")
     run_stages(ctx, (stage,))

@@ -1,127 +1,158 @@
-"""Stage 3, eval: the base and the tuned model scored side by side on identical inputs.
+"""Stage 3, eval: the base and the tuned model scored side by side on identical prompts; and `finetune eval` on any
+Hugging Face-format model directory, with or without an adapter.
 
-The base is the model as training saw it (4-bit when QLoRA) with the adapter switched off, the tuned one the
-same weights with the adapter on: one load, and the only difference between the two columns is the adapter.
-This version scores perplexity (held-out split and perplexity tasks); the task harness builds on it.
+The base is the model as training saw it (4-bit when QLoRA) with the adapter switched off, the tuned one the same
+weights with the adapter on: one load, and the only difference between the two columns is the adapter.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
-import random
 from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe, resolve_path
-from .run import RunDir, write_json
+from .errors import UserError
+from .harness import log_entry, score_items, task_entry, write_report
+from .recipe import Recipe
+from .run import RunDir
+from .tasks import EvalTask, Item, load_items
 
 log = logging.getLogger("finetune")
 
 
-def nll_per_example(model, examples: list[dict], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
-    """(summed NLL over supervised tokens, number of supervised tokens) for each example."""
-    import torch
-
-    dev = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
-            width = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, e in enumerate(batch):
-                n = len(e["input_ids"])
-                ids[j, :n] = torch.tensor(e["input_ids"])
-                labels[j, :n] = torch.tensor(e["labels"])
-                attn[j, :n] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-            ).view(len(batch), -1)
-            mask = shift_labels != -100
-            for j in range(len(batch)):
-                out.append((float(loss[j][mask[j]].sum()), int(mask[j].sum())))
-    return out
+def heldout_suite(run: RunDir) -> tuple[EvalTask, list[Item]] | None:
+    """The validation split, already tokenised by prepare: response loss exactly as training measured it."""
+    path = run.data / "val.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    if not rows:
+        return None
+    task = EvalTask(name="heldout", type="perplexity", path=str(path))
+    return task, [Item(id=str(r.get("id", i)), prompt="", gold={"input_ids": r["input_ids"], "labels": r["labels"]}, row=i + 1)
+                  for i, r in enumerate(rows)]
 
 
-def perplexity_score(per_example: list[tuple[float, int]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Token-weighted perplexity, with a 95% interval from a bootstrap over examples (seeded: reproducible)."""
-    def ppl(items):
-        tokens = sum(t for _, t in items)
-        return math.exp(sum(s for s, _ in items) / tokens) if tokens else float("nan")
+def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_size: int, template: str | None,
+                 with_adapter: bool) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
+    """Every task for the base (adapter off) and, when there is an adapter, the tuned model."""
+    from .lm import HFLM
 
-    rng = random.Random(seed)
-    boots = sorted(ppl([per_example[rng.randrange(len(per_example))] for _ in per_example]) for _ in range(n_boot))
-    tokens = sum(t for _, t in per_example)
-    return {"score": ppl(per_example), "ci95": [boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]],
-            "loss": sum(s for s, _ in per_example) / tokens, "tokens": tokens}
-
-
-def _task_examples(recipe: Recipe, recipe_dir: Path, tok, task) -> list[dict]:
-    from data_prep.sources.load import load_source
-    from data_prep.spec import Source
-
-    from .errors import UserError
-    from .templates import TemplateError, encode
-
-    res = load_source(Source(path=task.path, limit=task.max_samples), recipe_dir)
-    rows = res.rows
-    examples = []
-    for r in rows:
-        try:
-            enc = encode(tok, r, recipe.data.template, recipe.data.system_prompt)
-        except TemplateError as e:
-            raise UserError(f"eval task {task.name}: {task.path} row {r['_row']}: {e}") from None
-        examples.append({"input_ids": enc.input_ids[: recipe.data.max_length], "labels": enc.labels[: recipe.data.max_length]})
-    if not examples:
-        raise UserError(f"eval task {task.name}: {task.path} has no usable rows")
-    return examples
+    per_item: dict[str, dict[str, list[dict]]] = {t.name: {} for t, _ in suites}
+    if with_adapter:
+        with model.disable_adapter():
+            lm = HFLM(model, tok, batch_size, desc="base")
+            for task, items in suites:
+                per_item[task.name]["base"] = score_items(lm, task, items, template)
+        lm = HFLM(model, tok, batch_size, desc="tuned")
+        for task, items in suites:
+            per_item[task.name]["tuned"] = score_items(lm, task, items, template)
+    else:
+        lm = HFLM(model, tok, batch_size, desc="model")
+        for task, items in suites:
+            per_item[task.name]["base"] = score_items(lm, task, items, template)
+    entries = []
+    for task, _ in suites:
+        got = per_item[task.name]
+        entries.append(task_entry(task, got["base"], got.get("tuned"), "validation split" if task.name == "heldout" else task.source_label))
+        log_entry(entries[-1])
+    return entries, per_item
 
 
 def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
-    import json
-
     from peft import PeftModel
 
     from .models import load_model, load_tokenizer
 
     tok = load_tokenizer(recipe.base_model.id, recipe)
+    suites = []
+    if recipe.eval.heldout and (held := heldout_suite(run)) is not None:
+        suites.append(held)
+    for task in recipe.eval.tasks:
+        suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt)))
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))
-    suites: list[tuple[str, list[dict]]] = []
-    if recipe.eval.heldout:
-        val = [json.loads(line) for line in (run.data / "val.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        if val:
-            suites.append(("heldout", val))
-    for task in recipe.eval.tasks:
-        suites.append((task.name, _task_examples(recipe, recipe_dir, tok, task)))
-    tasks = []
-    for name, examples in suites:
-        with model.disable_adapter():
-            base = perplexity_score(nll_per_example(model, examples, recipe.eval.batch_size, tok.pad_token_id))
-        tuned = perplexity_score(nll_per_example(model, examples, recipe.eval.batch_size, tok.pad_token_id))
-        tasks.append({"name": name, "type": "perplexity", "metric": "perplexity", "higher_is_better": False, "n": len(examples),
-                      "base": base, "tuned": tuned, "delta": tuned["score"] - base["score"]})
-        log.info("eval %s: perplexity base %.3f -> tuned %.3f (n=%d)", name, base["score"], tuned["score"], len(examples))
-    report = {"tasks": tasks}
+    entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True)
+    report = {"tasks": entries}
     with run.staged("eval") as tmp:
-        write_json(tmp / "report.json", report)
-        (tmp / "report.md").write_text(report_markdown(report))
-    return report
+        write_report(tmp, report, per_item)
+    return {"tasks": len(entries), **{f"{e['name']}.{e['metric']}": e["tuned"]["score"] for e in entries}}
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    lines = ["| task | metric | n | base | tuned | delta |", "|---|---|---|---|---|---|"]
-    for t in report["tasks"]:
-        b, u = t["base"], t["tuned"]
-        arrow = "lower is better" if not t.get("higher_is_better", True) else "higher is better"
-        lines.append(
-            f"| {t['name']} | {t['metric']} ({arrow}) | {t['n']} | {b['score']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] "
-            f"| {u['score']:.3f} [{u['ci95'][0]:.3f}, {u['ci95'][1]:.3f}] | {t['delta']:+.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------------------------------
+# `finetune eval MODEL_OR_RUN_DIR --tasks FILE`
+
+
+def _standalone_recipe(model_dir: str, bits: int) -> Recipe:
+    """The loaders take a recipe; a plain model evaluated on its own gets a minimal one (the data section is never read)."""
+    from .recipe import parse_recipe
+
+    return parse_recipe({"name": "eval", "base_model": {"id": model_dir, "dtype": "bfloat16"}, "data": {"sources": [{"path": "unused.jsonl"}]},
+                         "quantization": {"bits": bits, "on_low_share": "warn"}}, "finetune eval")
+
+
+def check_model_dir(path: Path) -> str:
+    """'model' or 'adapter'; anything else is the user's mistake, said once."""
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model directory (no config.json or adapter_config.json); give a Hugging Face-format "
+                        "model folder, a run directory or an adapter folder")
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/config.json: not readable JSON ({e})") from None
+    if "model_type" not in cfg:
+        raise UserError(f"{path}/config.json has no model_type: not a transformers model")
+    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+        raise UserError(f"{path}: no .safetensors weights (finetune loads safetensors only)")
+    return "model"
+
+
+def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path | None, template: str | None,
+                 batch_size: int, max_samples: int | None, bits: int) -> Path:
+    from .models import load_model, load_tokenizer
+    from .recipe import load_recipe
+    from .tasks import load_task_file
+
+    tasks, tasks_dir = load_task_file(tasks_file)
+    run = RunDir(target)
+    recipe_template = None
+    if run.recipe.exists():  # a run directory: its base (as trained) and its adapter, its template
+        recipe, _ = load_recipe(run.recipe)
+        model_dir = recipe.base_model.id
+        adapter = adapter or run.adapter
+        recipe_template, system_prompt = recipe.data.template, recipe.data.system_prompt
+        out = out or run.root / f"eval-{tasks_file.stem}"
+    else:
+        kind = check_model_dir(target)
+        if kind == "adapter":
+            adapter = adapter or target
+            cfg = json.loads((target / "adapter_config.json").read_text(encoding="utf-8"))
+            model_dir = cfg.get("base_model_name_or_path") or ""
+            if not model_dir:
+                raise UserError(f"{target}/adapter_config.json names no base model; pass the base as MODEL and this folder as --adapter")
+        else:
+            model_dir = str(target)
+        recipe = _standalone_recipe(model_dir, bits)
+        system_prompt = None
+        out = out or Path(f"eval-{target.resolve().name}")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+    if template:
+        tasks = [t.model_copy(update={"template": template}) for t in tasks]
+    if max_samples:
+        tasks = [t.model_copy(update={"max_samples": min(max_samples, t.max_samples or max_samples)}) for t in tasks]
+    tok = load_tokenizer(model_dir, recipe)
+    suites = [(t, load_items(t, tasks_dir, recipe_template, tok, system_prompt)) for t in tasks]
+    model = load_model(model_dir, recipe, quantized=recipe.quantization.bits != 16)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None)
+    report = {"model": Path(model_dir).name if Path(model_dir).exists() else model_dir,
+              "adapter": Path(adapter).name if adapter else None, "tasks": entries}
+    write_report(Path(out), report, per_item)
+    return Path(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .recipe import Recipe, redact, resolve_path
-from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write_json, write_recipe
+from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write_json, write_recipe  # noqa: F401
 
 log = logging.getLogger("finetune")
 
@@ -133,25 +133,50 @@ def _base_inputs(ctx: Context) -> dict[str, str]:
     return {"base_model": f"{b.id}@{b.revision}"}
 
 
+def task_files(tasks) -> list[str]:
+    """Every local file an eval task reads: its data, prompt file, id lists and few-shot split."""
+    out = []
+    for t in tasks:
+        out += [p for p in (t.path, t.prompt_file, t.include_ids, t.exclude_ids) if p]
+        if t.fewshot is not None:
+            out += [p for p in (t.fewshot.path, t.fewshot.include_ids, t.fewshot.exclude_ids) if p]
+    return out
+
+
+def active_stages(recipe: Recipe) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s != "cpt" or "cpt" in recipe.stages)
+
+
 def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
     r, run = ctx.recipe, ctx.run
     base = r.base_model.model_dump()
     if ctx.smoke:
         base["id"] = "smoke"  # the stand-in's path may move with the run dir; its files are hashed below
+    cpt_on = "cpt" in r.stages
     if stage == "prepare":
         # Everything the build reads: sources, id lists, adapter option files, and the eval sets it decontaminates against.
-        paths = [t.path for t in r.eval.tasks]
-        for s in list(r.data.sources) + list(r.data.quality.decontaminate.against):
+        paths = task_files(r.eval.tasks)
+        sources = list(r.data.sources) + list(r.data.quality.decontaminate.against) + (list(r.cpt.sources) if cpt_on else [])
+        for s in sources:
             paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
             paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
         src = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
-        return {"data": r.data.model_dump(), "eval_tasks": [t.path for t in r.eval.tasks], "base_model": base}, {**src, **_base_inputs(ctx)}
+        sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump() for t in r.eval.tasks], "base_model": base,
+                    "cpt": r.cpt.model_dump() if cpt_on else None, "seed": r.training.seed}
+        return sections, {**src, **_base_inputs(ctx)}
+    if stage == "cpt":
+        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training", "cpt")}
+        return {**sections, "base_model": base}, {**_files(run, run.data / "cpt_train.jsonl", run.data / "cpt_val.jsonl"), **_base_inputs(ctx)}
     if stage == "train":
         sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
-        return {**sections, "base_model": base, "max_length": r.data.max_length}, {**_files(run, run.data / "train.jsonl", run.data / "val.jsonl"), **_base_inputs(ctx)}
+        start = _files(run, run.root / "cpt") if cpt_on else {}
+        return ({**sections, "base_model": base, "max_length": r.data.max_length, "stages": r.stages},
+                {**_files(run, run.data / "train.jsonl", run.data / "val.jsonl"), **start, **_base_inputs(ctx)})
     if stage == "eval":
-        tasks = {t.path: sha256_file(resolve_path(ctx.recipe_dir, t.path)) for t in r.eval.tasks if resolve_path(ctx.recipe_dir, t.path).exists()}
-        return {"eval": r.eval.model_dump(), "base_model": base, "quantization": r.quantization.model_dump()}, {**_files(run, run.adapter, run.data / "val.jsonl"), **tasks}
+        tasks = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
+        return ({"eval": r.eval.model_dump(), "base_model": base, "quantization": r.quantization.model_dump(),
+                 "template": r.data.template, "system_prompt": r.data.system_prompt},
+                {**_files(run, run.adapter, run.data / "val.jsonl"), **tasks})
     if stage == "merge":
         return {"merge": r.merge.model_dump(), "base_model": base}, _files(run, run.adapter, run.data / "val.jsonl")
     if stage == "publish":
@@ -164,6 +189,7 @@ def stage_outputs(ctx: Context, stage: str) -> list[Path]:
     run = ctx.run
     return {
         "prepare": [run.data],
+        "cpt": [run.root / "cpt"],
         "train": [run.adapter],
         "eval": [run.eval],
         "merge": [run.merged, run.merge_check] if ctx.recipe.merge.enabled else [],
@@ -187,10 +213,10 @@ def _run_stage(ctx: Context, stage: str) -> Any:
         result = prepare(r, ctx.recipe_dir, run, load_tokenizer(r.base_model.id, r))
         write_lock(ctx)
         return result
-    if stage == "train":
+    if stage in ("cpt", "train"):
         from .train import train
 
-        return train(r, run)
+        return train(r, run, "cpt" if stage == "cpt" else "sft")
     if stage == "eval":
         from .evaluate import evaluate
 
@@ -222,6 +248,8 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
     outcome: dict[str, str] = {}
     cascade = False
     for stage in stages:
+        if stage not in active_stages(ctx.recipe):
+            continue
         sections, inputs = stage_inputs(ctx, stage)
         fp = fingerprint(stage, sections, inputs)
         rec = run.stage_record(stage)

@@ -11,15 +11,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data_prep.build import RejectRateExceeded, collect, eval_texts, public, write_jsonl
+from data_prep.build import RejectRateExceeded, collect, public, write_jsonl
 from data_prep.datacard import lengths, write_docs
 from data_prep.errors import DataError, RowError
-from data_prep.spec import Source
 from data_prep.split import split_by_hash
 
 from .errors import UserError
 from .recipe import Recipe
-from .run import RunDir
+from .run import RunDir, write_json
 from .templates import row_encoder, truncate
 
 log = logging.getLogger("finetune")
@@ -51,15 +50,23 @@ def encode_rows(rows: list[dict], enc, recipe: Recipe, rejects: list[dict], eos:
 
 def decontamination_sets(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, list[str]]]:
     """The recipe's own eval tasks: training on them would make the before/after table a lie."""
-    return [(t.name, eval_texts(Source(path=t.path), recipe_dir)) for t in recipe.eval.tasks]
+    from .tasks import task_texts
+
+    return [(t.name, task_texts(t, recipe_dir)) for t in recipe.eval.tasks]
 
 
 def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any]:
     d = recipe.data
     enc = row_encoder(tok, d.template, d.system_prompt)
     token_len = None if d.overlong == "truncate" else (lambda r: len(enc(r).input_ids))
+    eval_sets = decontamination_sets(recipe, recipe_dir)
     try:
-        got = collect(d, recipe_dir, eval_sets=decontamination_sets(recipe, recipe_dir), token_len=token_len)
+        got = collect(d, recipe_dir, eval_sets=eval_sets, token_len=token_len)
+        cpt = None
+        if "cpt" in recipe.stages:
+            from .cpt import build_blocks
+
+            cpt = build_blocks(recipe, recipe_dir, tok, eval_sets)
     except RejectRateExceeded as e:
         run.logs.mkdir(parents=True, exist_ok=True)
         kept = run.logs / "prepare-rejects.jsonl"
@@ -83,7 +90,13 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any
         write_jsonl(tmp / "val.jsonl", val)
         write_jsonl(tmp / "rejects.jsonl", rejects)
         prov = write_docs(tmp, recipe.name, got, stats)
+        if cpt is not None:
+            train_blocks, val_blocks, prov["cpt"] = cpt
+            write_jsonl(tmp / "cpt_train.jsonl", [{"input_ids": b} for b in train_blocks])
+            write_jsonl(tmp / "cpt_val.jsonl", [{"input_ids": b} for b in val_blocks])
+            write_json(tmp / "provenance.json", prov)
     sup = {k: sum(sum(1 for x in e["labels"] if x != -100) for e in rows) for k, rows in (("train", train), ("val", val))}
     log.info("prepare: %d train, %d val, %d rejected (%.1f s)", len(train), len(val), len(rejects), got.seconds)
     return {"rows_read": sum(s["rows_read"] for s in got.sources), "train": prov["splits"]["train"], "val": prov["splits"]["val"],
-            "supervised_tokens": sup, "rejected": len(rejects), **counts, "template": d.template, "max_length": d.max_length}
+            "supervised_tokens": sup, "rejected": len(rejects), **counts, "template": d.template, "max_length": d.max_length,
+            **({"cpt_blocks": prov["cpt"]["blocks"]["train"], "cpt_tokens": prov["cpt"]["tokens"]} if cpt is not None else {})}

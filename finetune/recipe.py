@@ -20,6 +20,7 @@ from data_prep.schema import Section, explain
 from data_prep.spec import DataSpec, Source, resolve_path  # noqa: F401  (the data section is data_prep's schema)
 
 from .errors import UserError
+from .tasks import EvalTask, unique_names
 
 FAMILIES = ("llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2")
 Family = Literal["llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2"]
@@ -101,30 +102,20 @@ class TrainingSpec(Section):
     eval_steps: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations during training; null = only at the end.")
 
 
-class EvalTask(Section):
-    """One evaluation task, scored for the base and the tuned model on identical inputs."""
-
-    name: str = Field(description="Short task name shown in the report and the model card.")
-    type: Literal["perplexity"] = Field("perplexity", description="`perplexity`: token-level loss on the responses of a held-out Alpaca/messages file.")
-    path: str = Field(description="Data file of the task, relative to the recipe file's folder (or absolute).")
-    max_samples: int | None = Field(None, ge=1, description="Score only the first N rows (quick runs).")
-
-
 class EvalSpec(Section):
-    """Evaluation of base vs tuned (the full task harness builds on this)."""
+    """Evaluation of base vs tuned on identical prompts: the held-out split and the recipe's tasks."""
 
     heldout: bool = Field(True, description="Score loss and perplexity on the validation split too.")
-    tasks: list[EvalTask] = Field(default_factory=list, description="Domain tasks scored for base and tuned.")
-    batch_size: int = Field(8, ge=1, description="Rows per forward pass during evaluation.")
+    tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="Domain tasks (and a general-knowledge one, to see what was lost), scored for base and tuned; see finetune/tasks.py.",
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass (and per generation batch) during evaluation.")
 
     @field_validator("tasks")
     @classmethod
     def _unique_names(cls, tasks: list[EvalTask]) -> list[EvalTask]:
-        names = [t.name for t in tasks]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"task names must be unique; repeated: {dupes}")
-        return tasks
+        return unique_names(tasks)
 
 
 class MergeSpec(Section):
@@ -170,6 +161,42 @@ class SamplesSpec(Section):
 
     data: str = Field(description="Sample training rows (Alpaca or messages JSONL), relative to the recipe file.")
     eval: str | None = Field(None, description="Sample held-out rows scored as a perplexity task under `--smoke`.")
+    tasks: list[EvalTask] = Field(
+        default_factory=list, description="Small eval tasks over sample files, standing in for `eval.tasks` under `--smoke` (same schema)."
+    )
+    cpt: list[str] = Field(default_factory=list, description="Sample documents (JSONL with `text`) standing in for `cpt.sources` under `--smoke`, in order.")
+
+
+class CptSource(Source):
+    """A source of raw text for continued pretraining, with its share of the token stream."""
+
+    weight: float = Field(
+        1.0, gt=0, description="Relative share of the token stream. The first source (the domain corpus) is used whole; the others are "
+        "sampled (repeated if short) to their share: domain 0.98 + general 0.02 replays 2% general text, as SaulLM did.",
+    )
+
+
+class CptSpec(Section):
+    """Continued pretraining (BioMistral's and SaulLM's first step): raw domain text packed into fixed-length blocks, every
+    token supervised, LoRA on the same layers as SFT (optionally embeddings and lm_head too). Runs when `stages` has `cpt`."""
+
+    sources: list[CptSource] = Field(min_length=1, description="Documents (`format: text`: JSONL/Parquet with `text`, or a folder of .txt/.md), domain corpus first.")
+    block_size: int = Field(2048, ge=16, description="Tokens per packed block (BioMistral: 2,048-token packed blocks).")
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Share of blocks held out to report CPT validation loss.")
+    train_embeddings: bool = Field(
+        False, description="Also train the input embeddings and lm_head (full copies saved with the adapter): helps when the domain's "
+        "vocabulary is far from the base's, and costs 2 x vocab x hidden parameters.",
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (BioMistral CPT: 2e-5, cosine).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the packed stream (CPT corpora are usually seen once).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (BioMistral CPT: 0.01).")
+
+
+def _cpt_source(src: Source) -> Source:
+    if src.format not in ("auto", "text"):
+        raise ValueError("cpt.sources hold raw documents: use `format: text` (or leave `auto` for rows with `text`)")
+    return src
 
 
 class Recipe(Section):
@@ -187,6 +214,11 @@ class Recipe(Section):
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Publishing.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
     samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke`.")
+    stages: list[Literal["cpt", "sft"]] = Field(
+        ["sft"], description="Training stages in order: `[sft]`, or `[cpt, sft]` to continue pretraining on raw domain text first; the "
+        "SFT stage then continues training the CPT adapter. Each stage is resumable on its own.",
+    )
+    cpt: CptSpec | None = Field(None, description="Continued pretraining settings (used when `stages` has `cpt`).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -201,6 +233,12 @@ class Recipe(Section):
             raise ValueError("publish.what includes `merged` but merge.enabled is false")
         if self.data.template == "alpaca" and any(s.format == "messages" or s.adapter == "sharegpt" for s in self.data.sources):
             raise ValueError("data.template `alpaca` cannot render `messages` sources; use data.template: chat")
+        if self.stages not in (["sft"], ["cpt", "sft"]):
+            raise ValueError(f"stages {self.stages}: use [sft] or [cpt, sft] (continued pretraining is followed by instruction tuning)")
+        if "cpt" in self.stages and self.cpt is None:
+            raise ValueError("stages has `cpt` but there is no `cpt:` section (its sources, block_size ...)")
+        for s in self.cpt.sources if self.cpt else []:
+            _cpt_source(s)
         if any(s.format == "text" for s in self.data.sources):
             raise ValueError("data.sources: `text` sources (raw documents) cannot be trained on as instructions; turn them into "
                              "instructions with `finetune data synth grounded`")
@@ -304,7 +342,8 @@ def json_schema() -> dict[str, Any]:
     return Recipe.model_json_schema()
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.I)
+# A key that names a secret (`token`, `hf_token`, `api_key`), not one that merely contains the word (`max_new_tokens`).
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey)$", re.I)
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{8,}|wandb_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9]{16,})")
 
 

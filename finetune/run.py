@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import yaml
 
-STAGES = ("prepare", "train", "eval", "merge", "publish")
+STAGES = ("prepare", "cpt", "train", "eval", "merge", "publish")  # cpt runs only when the recipe's stages have it
 
 
 def now() -> str:

@@ -58,10 +58,25 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[
         optim="adamw_torch",
     )
     d["quantization"]["compute_dtype"] = "float32"
+    # The recipe's tasks read the real eval sets (often on the Hub); the smoke run scores the sample tasks written for it,
+    # of the same types, plus perplexity on the sample held-out rows.
     tasks = []
+    for t in recipe.samples.tasks:
+        task = t.model_dump(exclude_none=True)
+        task["path"] = str(resolve_path(recipe_dir, t.path))
+        for key in ("prompt_file", "include_ids", "exclude_ids"):
+            if task.get(key):
+                task[key] = str(resolve_path(recipe_dir, task[key]))
+        tasks.append(task)
     if recipe.samples.eval:
-        tasks = [{"name": f"{recipe.domain}-samples", "type": "perplexity", "path": str(resolve_path(recipe_dir, recipe.samples.eval))}]
+        tasks.append({"name": f"{recipe.domain}-samples", "type": "perplexity", "path": str(resolve_path(recipe_dir, recipe.samples.eval))})
     d["eval"].update(tasks=tasks, batch_size=8)
+    if recipe.cpt is not None:
+        if "cpt" in recipe.stages and len(recipe.samples.cpt) < len(recipe.cpt.sources):
+            raise UserError(f"--smoke with stages [cpt, sft] needs samples.cpt: one sample document file per cpt source ({len(recipe.cpt.sources)})")
+        d["cpt"]["sources"] = [{"path": str(resolve_path(recipe_dir, p)), "format": "text", "license": "apache-2.0", "weight": s.weight}
+                               for p, s in zip(recipe.samples.cpt, recipe.cpt.sources)] or d["cpt"]["sources"]
+        d["cpt"].update(block_size=min(recipe.cpt.block_size, 64), max_steps=SMOKE_STEPS // 2, learning_rate=2e-3, val_fraction=0.1)
     d["merge"].update(enabled=True, probes=4)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     d["samples"] = None
@@ -123,8 +138,9 @@ def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed:
 
     from .families import tiny_config
 
-    files = [resolve_path(recipe_dir, recipe.samples.data)] + ([resolve_path(recipe_dir, recipe.samples.eval)] if recipe.samples.eval else [])
-    key = {"family": family, "samples": [str(p) for p in files], "sizes": [p.stat().st_size if p.exists() else -1 for p in files], "seed": seed, "version": 1}
+    files = [resolve_path(recipe_dir, p) for p in [recipe.samples.data, recipe.samples.eval, *[t.path for t in recipe.samples.tasks if t.path],
+                                                   *recipe.samples.cpt] if p]
+    key = {"family": family, "samples": [str(p) for p in files], "sizes": [p.stat().st_size if p.exists() else -1 for p in files], "seed": seed, "version": 2}
     stamp = run.base / "standin.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key:
         return

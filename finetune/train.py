@@ -23,7 +23,7 @@ from .run import RunDir, write_json
 log = logging.getLogger("finetune")
 
 
-def _callbacks(run: RunDir, keep: int | None):
+def _callbacks(run: RunDir, keep: int | None, ckpt_dir: Path, metrics: Path):
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
@@ -37,7 +37,7 @@ def _callbacks(run: RunDir, keep: int | None):
                 return
             run.logs.mkdir(parents=True, exist_ok=True)
             line = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - self.t0, 3), **logs}
-            with open(run.metrics, "a", encoding="utf-8") as f:
+            with open(metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -52,11 +52,12 @@ def _callbacks(run: RunDir, keep: int | None):
             src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if not src.exists():
                 return
-            dst = run.checkpoints / f"step-{state.global_step:06d}"
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            dst = ckpt_dir / f"step-{state.global_step:06d}"
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(src, dst)
             (dst / "COMPLETE").write_text(json.dumps({"step": state.global_step}) + "\n")
-            done = sorted(p for p in run.checkpoints.glob("step-*") if (p / "COMPLETE").exists())
+            done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "COMPLETE").exists())
             for old in done[: -keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -64,16 +65,28 @@ def _callbacks(run: RunDir, keep: int | None):
 
 
 def _dataset(path: Path):
+    """Tokenised rows; CPT blocks have no labels: every token is supervised."""
     from datasets import Dataset
 
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r.get("labels", r["input_ids"]) for r in rows]})
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_val: bool):
+def stage_settings(recipe: Recipe, stage: str):
+    """The training settings of a stage: SFT's are `training:`; CPT takes its own learning rate, length and decay from `cpt:`
+    and the rest (batch, schedule, optimizer, checkpoints) from `training:`."""
+    if stage == "sft":
+        return recipe.training, recipe.data.max_length, recipe.training.packing
+    c = recipe.cpt
+    t = recipe.training.model_copy(update={"learning_rate": c.learning_rate, "num_train_epochs": c.num_train_epochs,
+                                           "max_steps": c.max_steps, "weight_decay": c.weight_decay})
+    return t, c.block_size, False  # blocks are already packed to block_size
+
+
+def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sft"):
     from trl import SFTConfig
 
-    t = recipe.training
+    t, max_length, packing = stage_settings(recipe, stage)
     on_gpu = device() == "cuda"
     bf16 = on_gpu and recipe.quantization.compute_dtype == "bfloat16"
     return SFTConfig(
@@ -97,23 +110,32 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool):
         save_total_limit=None,  # rotation is ours (Checkpoints callback), over COMPLETE checkpoints only
         eval_strategy="steps" if (t.eval_steps and has_val) else "no",
         eval_steps=t.eval_steps,
-        max_length=recipe.data.max_length,
-        packing=t.packing,
+        max_length=max_length,
+        packing=packing,
         gradient_checkpointing=t.activation_checkpointing,
         bf16=bf16,
         fp16=on_gpu and recipe.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu,
         report_to=list(recipe.tracking.report_to) or "none",
-        run_name=recipe.name,
+        run_name=f"{recipe.name}-{stage}" if stage != "sft" else recipe.name,
         dataloader_num_workers=0,
         disable_tqdm=True,
         save_only_model=False,
     )
 
 
-def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+def embedding_modules(model) -> list[str]:
+    """Names of the input embedding and output head (peft's modules_to_save), whatever the family calls them."""
+    wanted = {id(model.get_input_embeddings()): None, id(model.get_output_embeddings()): None}
+    names = [name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in wanted]
+    return list(dict.fromkeys(names))
+
+
+def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
+    """Train one stage. `cpt` writes RUN/cpt/ (continued pretraining on packed blocks); `sft` writes RUN/adapter/, starting
+    from RUN/cpt/ when the recipe's stages are [cpt, sft]."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from trl import SFTTrainer
 
     from .models import load_tokenizer
@@ -125,34 +147,43 @@ def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     qreport = check_quantization(model, recipe) if recipe.quantization.bits != 16 else None
     if recipe.quantization.bits != 16:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.activation_checkpointing)
-    lcfg = LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
-        target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lcfg)
+    if stage == "sft" and "cpt" in recipe.stages:
+        # SFT continues the CPT adapter (and its trained embeddings, if any): one adapter carries both stages.
+        model = PeftModel.from_pretrained(model, str(run.root / "cpt"), is_trainable=True)
+    else:
+        extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
+        lcfg = LoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
+            target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
+            modules_to_save=extra,
+        )
+        model = get_peft_model(model, lcfg)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable parameters (%.3f%% of %d)", trainable, 100 * trainable / total, total)
+    log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
 
-    train_ds = _dataset(run.data / "train.jsonl")
-    val_ds = _dataset(run.data / "val.jsonl")
+    prefix = "cpt_" if stage == "cpt" else ""
+    train_ds = _dataset(run.data / f"{prefix}train.jsonl")
+    val_ds = _dataset(run.data / f"{prefix}val.jsonl")
     has_val = len(val_ds) > 0
     if recipe.tracking.report_to and "wandb" in recipe.tracking.report_to:
         os.environ.setdefault("WANDB_PROJECT", recipe.tracking.project)
         os.environ.setdefault("WANDB_DIR", str(run.logs))
     # Metrics are appended per run of this stage; a rerun starts a fresh file.
     run.logs.mkdir(parents=True, exist_ok=True)
-    run.metrics.unlink(missing_ok=True)
-    shutil.rmtree(run.checkpoints, ignore_errors=True)
-    run.checkpoints.mkdir(parents=True)
-    work = run.root / ".trainer"
+    metrics = run.metrics if stage == "sft" else run.logs / f"metrics-{stage}.jsonl"
+    metrics.unlink(missing_ok=True)
+    ckpts = run.checkpoints if stage == "sft" else run.root / f"checkpoints-{stage}"
+    shutil.rmtree(ckpts, ignore_errors=True)
+    ckpts.mkdir(parents=True)
+    work = run.root / f".trainer-{stage}"
     shutil.rmtree(work, ignore_errors=True)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(recipe, work, has_val),
+        args=sft_config(recipe, work, has_val, stage),
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
         processing_class=tok,
-        callbacks=_callbacks(run, recipe.training.save_total_limit),
+        callbacks=_callbacks(run, recipe.training.save_total_limit, ckpts, metrics),
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -164,7 +195,7 @@ def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         import wandb
 
         wandb.finish()  # the Trainer never calls it; offline runs stay empty until it is called
-    with run.staged("adapter") as tmp:
+    with run.staged("adapter" if stage == "sft" else stage) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         summary = {
@@ -176,8 +207,10 @@ def train(recipe: Recipe, run: RunDir) -> dict[str, Any]:
             "total_params": total,
             "quantization": qreport.as_dict() if qreport else {"bits": 16},
             "device": device(),
+            "stage": stage,
+            **({"continued_from": "cpt"} if stage == "sft" and "cpt" in recipe.stages else {}),
         }
         write_json(tmp / "training_summary.json", summary)
     shutil.rmtree(work, ignore_errors=True)
-    log.info("train: %d steps in %.1f s, loss %.4f", summary["global_step"], wall, summary["train_loss"])
+    log.info("%s: %d steps in %.1f s, loss %.4f", stage, summary["global_step"], wall, summary["train_loss"])
     return summary

@@ -114,6 +114,74 @@ def math_row(rng: random.Random) -> dict:
     return {"instruction": q, "input": "", "output": f"{steps}\nThe answer is \\boxed{{{ans}}}."}
 
 
+# Small eval tasks for --smoke, of the types the real recipes use (all text written for this project).
+GENERAL_MC = [  # general knowledge: what a specialist should not forget
+    ("Which planet is closest to the Sun?", ["Venus", "Mercury", "Mars", "Earth"], 1),
+    ("How many days are there in a leap year?", ["365", "364", "366", "360"], 2),
+    ("Which gas do plants take in for photosynthesis?", ["Oxygen", "Nitrogen", "Helium", "Carbon dioxide"], 3),
+    ("What is the boiling point of water at sea level in degrees Celsius?", ["100", "90", "120", "80"], 0),
+    ("Which ocean is the largest?", ["Atlantic", "Indian", "Pacific", "Arctic"], 2),
+    ("How many sides does a hexagon have?", ["Five", "Six", "Seven", "Eight"], 1),
+    ("Which metal is liquid at room temperature?", ["Mercury", "Iron", "Copper", "Silver"], 0),
+    ("What is the largest organ of the human body by area?", ["Liver", "Lung", "Heart", "Skin"], 3),
+    ("Which continent is Kenya in?", ["Asia", "Africa", "Europe", "South America"], 1),
+    ("How many minutes are in two hours?", ["100", "60", "120", "240"], 2),
+]
+MED_MC = [
+    ("A resting heart rate above 100 beats per minute is called what?", ["Bradycardia", "Tachycardia", "Syncope", "Oedema"], 1),
+    ("Which hormone lowers blood glucose?", ["Glucagon", "Cortisol", "Insulin", "Adrenaline"], 2),
+    ("Swelling caused by fluid in the tissues is called what?", ["Oedema", "Pyrexia", "Anaemia", "Dyspnoea"], 0),
+    ("Which vitamin deficiency causes scurvy?", ["Vitamin A", "Vitamin D", "Vitamin K", "Vitamin C"], 3),
+    ("Which organ produces bile?", ["Pancreas", "Liver", "Spleen", "Kidney"], 1),
+    ("A body temperature above the normal range is called what?", ["Hypothermia", "Syncope", "Pyrexia", "Sepsis"], 2),
+    ("Which blood cells carry oxygen?", ["Red blood cells", "Platelets", "Neutrophils", "Lymphocytes"], 0),
+    ("Difficult or laboured breathing is called what?", ["Dysphagia", "Dysuria", "Dysphasia", "Dyspnoea"], 3),
+]
+MED_YNM = [
+    ("Does daily walking improve blood sugar control in type 2 diabetes?", "Walking programmes lowered HbA1c in several trials.", "yes"),
+    ("Do antibiotics cure viral sore throats?", "Viral infections do not respond to antibiotics.", "no"),
+    ("Does drinking coffee prevent dementia?", "Observational findings are mixed and trials are lacking.", "maybe"),
+    ("Does stopping smoking lower the risk of lung cancer?", "Risk declines steadily in the years after quitting.", "yes"),
+    ("Do vitamin C supplements prevent colds in the general population?", "Large trials found no reduction in how often colds occur.", "no"),
+    ("Does music therapy reduce pain after surgery?", "Some small studies report benefit, others none.", "maybe"),
+]
+HEARSAY = [  # (situation, Yes/No): an out-of-court statement offered for its truth is hearsay
+    ("On the issue of whether Nora was at home, Paul testifies that Nora told him she was at home all evening.", "Yes"),
+    ("On the issue of whether the road was icy, the fact that several cars slid on it that morning.", "No"),
+    ("To prove that the lamp was broken, a letter from the buyer to a friend saying the lamp was broken on arrival.", "Yes"),
+    ("On the issue of whether Omar could speak French, the fact that he ordered dinner in French.", "No"),
+    ("To prove that the fence was on Lee's land, Lee's neighbour testifies that a surveyor told her the fence was on Lee's land.", "Yes"),
+    ("On the issue of whether Tara was in the room, a witness testifies that she saw Tara there.", "No"),
+    ("To prove the delivery was late, a driver's note to his manager saying he arrived two days late.", "Yes"),
+    ("On the issue of whether Ravi was angry, the fact that he slammed the door and left.", "No"),
+]
+EVAL_MARKS = [("Lumora for light bulbs", "fanciful"), ("Glacier for sports cars", "arbitrary"), ("Sofa for sofas", "generic"),
+              ("Crispy Fries for fries", "descriptive"), ("Rapidwrap for parcels", "suggestive"), ("Chair for chairs", "generic"),
+              ("Velqor for headphones", "fanciful"), ("Sunset for banking", "arbitrary")]
+
+
+def mc_rows(items) -> list[dict]:
+    return [{"id": f"q{i}", "question": q, "choices": c, "answer": a} for i, (q, c, a) in enumerate(items, start=1)]
+
+
+def documents(rng: random.Random) -> dict[str, list[dict]]:
+    """Short documents for the continued-pretraining smoke stage: domain prose and general prose to replay."""
+    med = [f"{t.capitalize()} is {m}. Clinicians record it in the notes and review it at follow-up." for t, m in MED_DEFS]
+    med += [f"Research question: {q} Summary: {why}" for q, _, why in MED_QA]
+    legal = [f"In law, {t} means {m}. Courts apply the rule case by case." for t, m in LEGAL_TERMS]
+    legal += [f"Situation: {f} Analysis: {a}" for f, a in LEGAL_FACTS]
+    general = ["Rivers carry water from high ground to the sea, shaping valleys over thousands of years.",
+               "A library lends books, music and films, and many now offer courses and study rooms.",
+               "Bread is made from flour, water, salt and yeast, left to rise before it is baked.",
+               "Bicycles are efficient: most of the rider's effort turns into forward motion.",
+               "The calendar year has twelve months, and a leap year adds a day to February.",
+               "Trees take in carbon dioxide and release oxygen, and their roots hold the soil together."]
+    for docs in (med, legal, general):
+        rng.shuffle(docs)
+    return {"medical_docs.jsonl": [{"text": t} for t in med], "legal_docs.jsonl": [{"text": t} for t in legal],
+            "general_docs.jsonl": [{"text": t} for t in general]}
+
+
 def write(name: str, rows: list[dict]) -> None:
     with open(OUT / name, "w", encoding="utf-8") as f:
         for r in rows:
@@ -134,6 +202,19 @@ def main() -> None:
     maths = [math_row(rng) for _ in range(48)]
     write("math.jsonl", maths[:40])
     write("math_eval.jsonl", maths[40:])
+    # eval tasks: GSM8K-style gold answers ending "#### N"; MC; classification
+    tests = [math_row(rng) for _ in range(10)]
+    write("math_test.jsonl", [{"id": f"m{i}", "question": r["instruction"],
+                               "answer": r["output"].split("\nThe answer")[0] + f"\n#### {r['output'].rsplit('{', 1)[1].rstrip('}.')}"}
+                              for i, r in enumerate(tests, start=1)])
+    write("general_mc.jsonl", mc_rows(GENERAL_MC))
+    write("medical_mc.jsonl", mc_rows(MED_MC))
+    write("medical_ynm.jsonl", [{"id": f"p{i}", "question": q, "context": c, "label": l} for i, (q, c, l) in enumerate(MED_YNM, start=1)])
+    write("legal_hearsay.jsonl", [{"id": f"h{i}", "text": t, "label": l} for i, (t, l) in enumerate(HEARSAY, start=1)])
+    write("legal_marks.jsonl", [{"id": f"t{i}", "text": f"The mark \"{m.split(' for ')[0]}\" for {m.split(' for ')[1]}.", "label": l}
+                                for i, (m, l) in enumerate(EVAL_MARKS, start=1)])
+    for name, rows in documents(rng).items():
+        write(name, rows)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ def pubmedqa(row: dict[str, Any], *, contexts: bool = True, long_answer: bool = 
     The question is answered yes, no or maybe, then (long_answer) explained by the abstract's conclusion.
     contexts: give the abstract (without its conclusion) as the input, as in PubMedQA's reasoning-required setting.
     """
+    if "QUESTION" not in row and "question" in row:  # the Hub copy (qiaojin/PubMedQA) names columns in lower case
+        ctx = row.get("context") if isinstance(row.get("context"), dict) else {}
+        row = {**row, "QUESTION": row["question"], "CONTEXTS": ctx.get("contexts"), "LONG_ANSWER": row.get("long_answer")}
     question = _text(row, "QUESTION").strip()
     decision = _text(row, "final_decision").strip().lower()
     if decision not in ("yes", "no", "maybe"):

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import DataError, RowError
 from ..formats import detect_format, normalise
 from ..schema import did_you_mean
-from ..spec import Source, resolve_path
+from ..spec import Location, Source, resolve_path
 from .adapters import ADAPTERS
 from .readers import Opened, open_hub, open_path
 
@@ -26,7 +26,7 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _id_set(base_dir: Path, p: str, key: str) -> set[str]:
+def id_set(base_dir: Path, p: str, key: str) -> set[str]:
     path = resolve_path(base_dir, p)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -63,10 +63,11 @@ def _check_layout(src: Source, row: dict[str, Any], where: str) -> None:
         )
 
 
-def open_source(src: Source, base_dir: Path) -> Opened:
+def open_source(src: Location, base_dir: Path) -> Opened:
     if src.hub is not None:
         return open_hub(src.hub, src.config, src.split, src.revision)
-    adapter = ADAPTERS.get(src.adapter) if src.adapter else None
+    name = getattr(src, "adapter", None)  # eval tasks are Locations without an adapter
+    adapter = ADAPTERS.get(name) if name else None
     return open_path(resolve_path(base_dir, src.path), src.reader, src.columns, src.split, adapter.columns if adapter else None)
 
 
@@ -78,14 +79,14 @@ def adapter_fn(src: Source, base_dir: Path):
 
 
 def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
-    where = src.name
+    where = src.origin
     opened = open_source(src, base_dir)
     out = Loaded(info={("hub" if src.hub else "path"): src.hub or src.path, **opened.info, "license": src.license,
                        **({"adapter": src.adapter, "options": src.options} if src.adapter else {})})
     if opened.columns is not None:
         _check_mapping(src, opened.columns, where)
-    include = _id_set(base_dir, src.include_ids, "include_ids") if src.include_ids else None
-    exclude = _id_set(base_dir, src.exclude_ids, "exclude_ids") if src.exclude_ids else set()
+    include = id_set(base_dir, src.include_ids, "include_ids") if src.include_ids else None
+    exclude = id_set(base_dir, src.exclude_ids, "exclude_ids") if src.exclude_ids else set()
     convert = adapter_fn(src, base_dir)
     seen_ids: dict[str, int] = {}
     checked = False

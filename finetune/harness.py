@@ -1,0 +1,167 @@
+"""The eval harness: score tasks with any LM (lm.py), then the report (report.json / report.md / report.png).
+
+Importing this module must not import torch: the LM passed in does the model work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from data_prep.errors import DataError
+
+from . import metrics
+from .answers import equivalent, extract
+from .tasks import EvalTask, Item, normalise_label, resolved_template, stops
+
+log = logging.getLogger("finetune")
+
+SECONDARY = {"multiple_choice": ("accuracy", "accuracy_norm"), "classification": ("balanced_accuracy", "accuracy", "macro_f1"),
+             "exact_match": ("exact_match",), "perplexity": ("perplexity",)}
+
+
+def gold_answers(task: EvalTask, items: list[Item]) -> list[str]:
+    """exact_match: the gold answer of each item (read with `gold_extract` when the gold field holds a worked solution)."""
+    out = []
+    for it in items:
+        if task.gold_extract is None:
+            out.append(str(it.gold).strip())
+            continue
+        got = extract(str(it.gold), task.gold_extract)
+        if got is None:
+            raise DataError(f"task {task.name}: row {it.row}: no gold answer found by {task.gold_extract} in {str(it.gold)[-80:]!r}")
+        out.append(got)
+    return out
+
+
+def score_items(lm, task: EvalTask, items: list[Item], recipe_template: str | None = None) -> list[dict[str, Any]]:
+    """Per-item results of one model on one task (what metrics.score reads)."""
+    if task.type in ("multiple_choice", "classification"):
+        reqs = [(it.prompt, c) for it in items for c in it.choices]
+        ll = lm.loglikelihood(reqs)
+        out, k = [], 0
+        for it in items:
+            s = ll[k : k + len(it.choices)]
+            k += len(it.choices)
+            # acc_norm as lm-eval-harness: log-likelihood per byte of the continuation
+            norm = [x / max(1, len(c.strip().encode("utf-8"))) for x, c in zip(s, it.choices)]
+            pred, pred_norm = max(range(len(s)), key=s.__getitem__), max(range(len(s)), key=norm.__getitem__)
+            out.append({"id": it.id, "row": it.row, "pred": normalise_label(it.choices[pred]), "gold": normalise_label(it.choices[it.gold]),
+                        "correct": pred == it.gold, "correct_norm": pred_norm == it.gold, "loglik": [round(x, 4) for x in s]})
+        return out
+    if task.type == "exact_match":
+        golds = gold_answers(task, items)
+        texts = lm.generate([it.prompt for it in items], task.max_new_tokens, stops(task, resolved_template(task, recipe_template)))
+        out = []
+        for it, text, gold in zip(items, texts, golds):
+            pred = extract(text, task.extract)
+            out.append({"id": it.id, "row": it.row, "output": text, "pred": pred, "gold": gold, "correct": equivalent(pred, gold)})
+        return out
+    if task.type == "perplexity":
+        if items and "input_ids" in (items[0].gold or {}):
+            res = lm.nll_encoded([it.gold for it in items])
+        else:
+            res = lm.nll([it.segments for it in items])
+        return [{"id": it.id, "row": it.row, "nll": s, "tokens": n} for it, (s, n) in zip(items, res)]
+    raise ValueError(task.type)
+
+
+def _model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
+    main = metrics.score(task.metric, results)
+    extra = {m: metrics.score(m, results)["score"] for m in SECONDARY[task.type] if m != task.metric}
+    return {**main, **({"metrics": extra} if extra else {})}
+
+
+def task_entry(task: EvalTask, base: list[dict], tuned: list[dict] | None, source: str) -> dict[str, Any]:
+    """One task's entry of report.json (DESIGN.md's schema, plus n per model, secondary metrics and the paired delta CI)."""
+    entry: dict[str, Any] = {"name": task.name, "type": task.type, "metric": task.metric, "higher_is_better": task.higher_is_better,
+                             "n": len(base), "source": source, "base": _model_scores(task, base)}
+    if tuned is not None:
+        entry["tuned"] = _model_scores(task, tuned)
+        entry["delta"] = entry["tuned"]["score"] - entry["base"]["score"]
+        entry["delta_ci95"] = metrics.paired_delta_ci(task.metric, base, tuned)
+    else:
+        entry["tuned"] = None
+        entry["delta"] = None
+    return entry
+
+
+def _fmt(x: float, metric: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3f}" if metric == "perplexity" else f"{100 * x:.1f}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The table of report.md and the model card: scores in % (perplexity as is) with their 95% intervals."""
+    pair = any(t.get("tuned") for t in report["tasks"])
+    head = "| task | metric | n | base | tuned | delta |" if pair else "| task | metric | n | score |"
+    lines = [head, "|---|---|---|---|---|---|" if pair else "|---|---|---|---|"]
+    for t in report["tasks"]:
+        m = t["metric"]
+        arrow = "↓" if not t.get("higher_is_better", True) else "↑"
+        cell = lambda s: f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]"  # noqa: E731
+        row = f"| {t['name']} | {m.replace('_', ' ')} {arrow} | {t['n']} | {cell(t['base'])} |"
+        if pair:
+            d = t.get("delta")
+            sign = "" if d is None else ("+" if d >= 0 else "-")
+            row += f" {cell(t['tuned']) if t.get('tuned') else 'n/a'} | {sign}{_fmt(abs(d), m) if d is not None else 'n/a'} |"
+        lines.append(row)
+    note = ("\nScores in % except perplexity; [95% CI]: Wilson for accuracy, bootstrap otherwise. ↑ higher is better, ↓ lower.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def report_png(report: dict[str, Any], path: Path) -> None:
+    """Base vs tuned per task, one panel per task (metrics differ in scale), 95% CI error bars, n under each panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(2.4 * max(1, len(tasks)) + 0.6, 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        models = [("base", t["base"], "#8c8c8c")] + ([("tuned", t["tuned"], "#1f77b4")] if t.get("tuned") else [])
+        for i, (label, s, colour) in enumerate(models):
+            y = s["score"]
+            lo, hi = s["ci95"]
+            err = [[max(0.0, y - lo)], [max(0.0, hi - y)]] if all(map(math.isfinite, (y, lo, hi))) else None
+            ax.bar(i, y if math.isfinite(y) else 0, color=colour, yerr=err, capsize=4, label=label)
+        ax.set_xticks(range(len(models)), [m[0] for m in models])
+        ax.set_title(t["name"], fontsize=9)
+        ax.set_ylabel(t["metric"].replace("_", " ") + (" (lower is better)" if not t.get("higher_is_better", True) else ""), fontsize=8)
+        ax.set_xlabel(f"n = {t['n']}", fontsize=8)
+        if t.get("higher_is_better", True):
+            ax.set_ylim(0, 1)
+    fig.suptitle("base vs tuned, 95% confidence intervals", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict[str, Any], per_item: dict[str, dict[str, list[dict]]]) -> None:
+    """report.json, report.md, report.png, and items/<task>.jsonl with every item's prediction (for inspection)."""
+    from .run import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    report_png(report, out / "report.png")
+    (out / "items").mkdir(exist_ok=True)
+    for name, by_model in per_item.items():
+        with open(out / "items" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            models = list(by_model)
+            for rows in zip(*by_model.values()):
+                f.write(json.dumps({"id": rows[0]["id"], "row": rows[0]["row"], **{m: {k: v for k, v in r.items() if k not in ("id", "row")}
+                                                                                    for m, r in zip(models, rows)}}, ensure_ascii=False) + "\n")
+
+
+def log_entry(entry: dict[str, Any]) -> None:
+    b, t, m = entry["base"], entry.get("tuned"), entry["metric"]
+    if t:
+        log.info("eval %s: %s base %s -> tuned %s (n=%d)", entry["name"], m, _fmt(b["score"], m), _fmt(t["score"], m), entry["n"])
+    else:
+        log.info("eval %s: %s %s (n=%d)", entry["name"], m, _fmt(b["score"], m), entry["n"])
