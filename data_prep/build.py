@@ -193,8 +193,9 @@ class Built:
 
 
 def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[dict[str, Any]], int] | None = None,
-          tokenizer_name: str | None = None, progress: bool = False) -> Built:
-    """`finetune data build`: collect, split and write into `out` (replaced only when the build succeeds)."""
+          tokenizer_name: str | None = None, progress: bool = False, eval_sets: list[tuple[str, list[str]]] = ()) -> Built:
+    """`finetune data build`: collect, split and write into `out` (replaced only when the build succeeds). `eval_sets` as
+    in `collect` (a recipe's eval tasks)."""
     from .datacard import lengths, write_docs
 
     t0 = time.perf_counter()
@@ -205,7 +206,7 @@ def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[di
 
         shutil.rmtree(tmp)
     try:
-        got = collect(spec, base_dir, token_len=token_len, progress=progress)
+        got = collect(spec, base_dir, eval_sets=eval_sets, token_len=token_len, progress=progress)
     except RejectRateExceeded as e:
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "rejects.jsonl", e.rejects)  # nothing is lost, even when the build stops

@@ -83,12 +83,15 @@ def extract(text: str, methods: tuple[str, ...] | list[str] = METHODS) -> str | 
 
 
 def normalise(ans: str) -> str:
-    """Surface forms that never change the value: $, thousands separators, units of money, trailing period, spaces,
-    a trailing .0, \\text{}, \\!, unicode minus, `x =` prefixes."""
+    """Surface forms that never change the value: $, thousands separators, unit words after a number, trailing period,
+    spaces, a trailing .0, \\text{}, \\!, unicode minus, `x =` prefixes."""
     s = ans.strip().replace("−", "-").replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
     s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5"
     s = s.rstrip(".").strip()
+    unit = re.fullmatch(r"([-+]?[\d,]*\.?\d+)\s+[a-zA-Z][a-zA-Z ]*", s)  # "250 dollars", "8 apples": the number is the answer
+    if unit:
+        s = unit.group(1)
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     if re.fullmatch(r"[-+]?\d+\.0+", s):

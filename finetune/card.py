@@ -43,6 +43,23 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
     return "other", warnings + [f"Licences involved: {', '.join(sorted(known))}."]
 
 
+def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Hub's model-index block: per task, the base and the tuned score with n and the 95% interval (metric args)."""
+    results = []
+    for t in report.get("tasks", []):
+        source = t.get("source") or t["name"]
+        metrics = []
+        for who in ("base", "tuned"):
+            s = t.get(who)
+            if not s:
+                continue
+            metrics.append({"type": t["metric"], "name": f"{t['metric']} ({who})", "value": round(float(s["score"]), 4), "verified": False,
+                            "args": {"n": t["n"], "ci95": [round(float(x), 4) for x in s["ci95"]]}})
+        results.append({"task": {"type": "text-generation", "name": t["name"]},
+                        "dataset": {"name": source, "type": source.split(":")[0]}, "metrics": metrics})
+    return [{"name": name, "results": results}] if results else []
+
+
 def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
     prov = read_json(run.data / "provenance.json", {"sources": []})
     report = read_json(run.eval / "report.json", {"tasks": []})
@@ -59,6 +76,9 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     hub_sets = [p["hub"] for p in prov["sources"] if p.get("hub")]
     if hub_sets:
         front["datasets"] = hub_sets
+    index = model_index(recipe.name, report)
+    if index:
+        front["model-index"] = index
     t = recipe.training
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {recipe.name}", ""]
     if smoke:

@@ -83,26 +83,29 @@ def build(spec: Annotated[Path, typer.Argument(help="A data spec YAML (name:, so
 
     from data_prep.build import build as run_build
     from data_prep.schema import explain
-    from data_prep.spec import BuildSpec, Source, resolve_path
+    from data_prep.spec import BuildSpec
 
     from .recipe import _yaml_load, apply_overrides
 
     data = apply_overrides(_yaml_load(spec), set_ or [])
     base_dir = spec.resolve().parent
+    eval_sets: list[tuple[str, list[str]]] = []
     if "base_model" in data:  # a recipe: its data section, decontaminated against its eval tasks like the prepare stage
         from .recipe import parse_recipe
 
+        from .prepare import decontamination_sets
+
         recipe = parse_recipe(data, str(spec))
-        d = recipe.data.model_dump()
-        d["quality"]["decontaminate"]["against"] += [Source(path=str(resolve_path(base_dir, t.path))).model_dump() for t in recipe.eval.tasks]
-        data = {"name": recipe.name, **d}
+        eval_sets = decontamination_sets(recipe, base_dir)
+        data = {"name": recipe.name, **recipe.data.model_dump()}
     try:
         bspec = BuildSpec.model_validate(data)
     except ValidationError as e:
         raise DataError(explain(e, str(spec), BuildSpec, "data spec")) from None
     tok_name = tokenizer or bspec.tokenizer
     counter = _token_counter(tok_name, bspec.template, bspec.system_prompt)
-    built = run_build(bspec, base_dir, out or Path("built") / bspec.name, token_len=counter, tokenizer_name=tok_name, progress=progress)
+    built = run_build(bspec, base_dir, out or Path("built") / bspec.name, token_len=counter, tokenizer_name=tok_name, progress=progress,
+                      eval_sets=eval_sets)
     rate = built.rows_read / built.seconds if built.seconds else 0
     typer.secho(f"{bspec.name}: {built.rows_read} rows read, {built.train} train, {built.val} val, {built.rejected} rejected "
                 f"in {built.seconds:.1f} s ({rate:,.0f} rows/s)", err=True)

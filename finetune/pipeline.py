@@ -24,7 +24,7 @@ from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write
 log = logging.getLogger("finetune")
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
-            "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb", "datasketch", "pyarrow")
+            "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb", "datasketch", "pyarrow", "math-verify")
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
 
 
@@ -162,10 +162,13 @@ def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, st
             paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
         src = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
         sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump() for t in r.eval.tasks], "base_model": base,
-                    "cpt": r.cpt.model_dump() if cpt_on else None, "seed": r.training.seed}
+                    "cpt": r.cpt.model_dump(include={"sources", "block_size", "val_fraction"}) if cpt_on else None, "seed": r.training.seed}
         return sections, {**src, **_base_inputs(ctx)}
     if stage == "cpt":
-        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training", "cpt")}
+        # CPT takes its learning rate, length and decay from `cpt:`; changing SFT's does not redo it
+        own = {"learning_rate", "num_train_epochs", "max_steps", "weight_decay"}
+        sections = {"quantization": r.quantization.model_dump(), "lora": r.lora.model_dump(), "cpt": r.cpt.model_dump(),
+                    "training": r.training.model_dump(exclude=own)}
         return {**sections, "base_model": base}, {**_files(run, run.data / "cpt_train.jsonl", run.data / "cpt_val.jsonl"), **_base_inputs(ctx)}
     if stage == "train":
         sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}

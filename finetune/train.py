@@ -131,11 +131,27 @@ def embedding_modules(model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
+    """The trainable adapter of a stage: a fresh LoRA, or for SFT after CPT the CPT adapter itself (and its trained
+    embeddings, if any), so one adapter carries both stages."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if stage == "sft" and "cpt" in recipe.stages:
+        return PeftModel.from_pretrained(model, str(run.root / "cpt"), is_trainable=True)
+    extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
+    lcfg = LoraConfig(
+        r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
+        target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
+        modules_to_save=extra,
+    )
+    return get_peft_model(model, lcfg)
+
+
 def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
     """Train one stage. `cpt` writes RUN/cpt/ (continued pretraining on packed blocks); `sft` writes RUN/adapter/, starting
     from RUN/cpt/ when the recipe's stages are [cpt, sft]."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
     from .models import load_tokenizer
@@ -147,17 +163,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
     qreport = check_quantization(model, recipe) if recipe.quantization.bits != 16 else None
     if recipe.quantization.bits != 16:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.activation_checkpointing)
-    if stage == "sft" and "cpt" in recipe.stages:
-        # SFT continues the CPT adapter (and its trained embeddings, if any): one adapter carries both stages.
-        model = PeftModel.from_pretrained(model, str(run.root / "cpt"), is_trainable=True)
-    else:
-        extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
-        lcfg = LoraConfig(
-            r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
-            target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
-            modules_to_save=extra,
-        )
-        model = get_peft_model(model, lcfg)
+    model = with_adapter(model, recipe, run, stage)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
 

@@ -408,7 +408,8 @@ def test_data_cli_build_validate_stats(shared_datasets, tmp_path):
     build_math = cmd + ["build", str(ROOT / "recipes" / "math.yaml"), "--out", str(tmp_path / "m"), "--no-progress"]
     out = subprocess.run(build_math, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "hf://openai/gsm8k: cannot load the dataset" in out.stderr and "offline" in out.stderr
-    local = ["--set", "data.sources=[{path: samples/math.jsonl}]", "--set", "data.quality.decontaminate.against=[{path: samples/math_eval.jsonl}]"]
+    local = ["--set", "data.sources=[{path: samples/math.jsonl}]", "--set", "data.quality.decontaminate.against=[{path: samples/math_eval.jsonl}]",
+             "--set", "eval.tasks=[{name: t, type: exact_match, path: samples/math_test.jsonl, gold_extract: [hash]}]"]
     out = subprocess.run(build_math + local, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     prov = json.loads((tmp_path / "m" / "provenance.json").read_text())
