@@ -52,7 +52,7 @@ def stream(model, tok, prompt: str, max_new_tokens: int, temperature: float, wri
     import torch
     from transformers import TextStreamer
 
-    from .lm import HFLM
+    from .lm import HFLM, stop_ids
 
     pieces: list[str] = []
 
@@ -67,7 +67,7 @@ def stream(model, tok, prompt: str, max_new_tokens: int, temperature: float, wri
     sample = temperature > 0
     with torch.no_grad():
         model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=sample,
-                       **({"temperature": temperature} if sample else {}), pad_token_id=tok.pad_token_id,
+                       **({"temperature": temperature} if sample else {}), pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(tok),
                        streamer=Streamer(tok, skip_prompt=True, skip_special_tokens=True))
     return "".join(pieces)
 

@@ -27,6 +27,14 @@ def _progress(it: Iterable, total: int, desc: str, show: bool):
     return tqdm(it, total=total, desc=desc, unit=" batch", leave=False, disable=None)  # None: no bar when not a terminal
 
 
+def stop_ids(tok) -> list[int]:
+    """EOS, and the end-of-turn token of ChatML-style templates, which some tokenizers do not call EOS."""
+    ids = [tok.eos_token_id]
+    if "<|im_end|>" in tok.get_vocab():
+        ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
+    return [t for t in dict.fromkeys(ids) if t is not None]
+
+
 def cut_at_stop(text: str, stop: list[str]) -> str:
     idx = [text.find(s) for s in stop if s and s in text]
     return text[: min(idx)] if idx else text
@@ -120,7 +128,7 @@ class HFLM:
         out = [""] * len(prompts)
         self.model.eval()
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        eos = [t for t in {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tok.get_vocab() else None} if t is not None]
+        eos = stop_ids(self.tok)
         for batch in _progress(batches, len(batches), f"{self.desc} generate", self.progress):
             seqs = [self._ids(prompts[i], bos=True) for i in batch]
             width = max(len(s) for s in seqs)

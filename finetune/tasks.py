@@ -397,6 +397,7 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
             raise DataError(f"task {task.name}: num_fewshot={task.num_fewshot} needs more rows than the task's {len(shots_pool)}; "
                             "give a `fewshot:` dev split")
     delim = delimiter(task, template)
+    shot_delim = delimiter(task, "raw")  # solved examples are prompt text: "A: Yes", whatever the template does after the prompt
     header = task.header if task.header is not None else (BIOMISTRAL_HEADER if task.style == "biomistral" and task.type == "multiple_choice" else None)
     items = []
     for k, (n, row, lay) in enumerate(layouts):
@@ -406,7 +407,7 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
             candidates = [i for i in range(len(shots_pool)) if task.fewshot is not None or i != k]
             for i in rng.sample(candidates, task.num_fewshot):
                 shot = shots_pool[i]
-                parts.append(shot.text + (f"\n\n{shot.input}" if shot.input else "") + delim + shot.gold_text)
+                parts.append(shot.text + (f"\n\n{shot.input}" if shot.input else "") + shot_delim + shot.gold_text)
         parts.append(lay.text)
         text = "\n\n".join(parts)
         full = wrap(text, lay.input, template, tok, system_prompt)
