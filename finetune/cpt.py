@@ -21,16 +21,13 @@ from data_prep.errors import DataError
 from data_prep.spec import DataSpec, Source
 
 from .recipe import Recipe
-from .templates import _adds_bos
+from .templates import token_ids
 
 log = logging.getLogger("finetune")
 
 
 def _tokens(tok, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None and _adds_bos(tok):
-        ids = [tok.bos_token_id] + ids
-    return ids + [tok.eos_token_id]
+    return token_ids(tok, text) + [tok.eos_token_id]
 
 
 def mix(docs_by_source: list[list[list[int]]], weights: list[float], seed: int) -> tuple[list[list[int]], list[int]]:

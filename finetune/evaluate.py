@@ -28,7 +28,8 @@ def heldout_suite(run: RunDir) -> tuple[EvalTask, list[Item]] | None:
     if not rows:
         return None
     task = EvalTask(name="heldout", type="perplexity", path=str(path))
-    return task, [Item(id=str(r.get("id", i)), prompt="", gold={"input_ids": r["input_ids"], "labels": r["labels"]}, row=i + 1)
+    return task, [Item(id=str(r.get("id", i)), prompt="", gold=None, encoded={"input_ids": r["input_ids"], "labels": r["labels"]},
+                  row=i + 1)
                   for i, r in enumerate(rows)]
 
 

@@ -61,8 +61,8 @@ def score_items(lm, task: EvalTask, items: list[Item], recipe_template: str | No
             out.append({"id": it.id, "row": it.row, "output": text, "pred": pred, "gold": gold, "correct": equivalent(pred, gold)})
         return out
     if task.type == "perplexity":
-        if items and "input_ids" in (items[0].gold or {}):
-            res = lm.nll_encoded([it.gold for it in items])
+        if items and items[0].encoded is not None:
+            res = lm.nll_encoded([it.encoded for it in items])
         else:
             res = lm.nll([it.segments for it in items])
         return [{"id": it.id, "row": it.row, "nll": s, "tokens": n} for it, (s, n) in zip(items, res)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from .templates import _adds_bos
+from .templates import token_ids
 
 
 class LM(Protocol):
@@ -52,10 +52,7 @@ class HFLM:
         return next(self.model.parameters()).device
 
     def _ids(self, text: str, bos: bool) -> list[int]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        if bos and self.tok.bos_token_id is not None and _adds_bos(self.tok) and ids[:1] != [self.tok.bos_token_id]:
-            ids = [self.tok.bos_token_id] + ids
-        return ids
+        return token_ids(self.tok, text, bos)
 
     def _forward_logprobs(self, seqs: list[list[int]]):
         """Log-softmax over the vocabulary for a right-padded batch."""

@@ -65,49 +65,43 @@ def bootstrap(stat: Callable[[np.ndarray], float], n: int, seed: int = 0, n_boot
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
 
 
-def score(metric: str, items: list[dict], seed: int = 0) -> dict:
-    """{score, ci95} for one model's per-item results. Items carry `correct` (accuracy), `gold`/`pred` (balanced accuracy,
-    macro-F1) or `nll`/`tokens` (perplexity)."""
-    n = len(items)
-    if metric in ("accuracy", "accuracy_norm", "exact_match"):
-        key = "correct_norm" if metric == "accuracy_norm" else "correct"
-        k = sum(bool(it[key]) for it in items)
-        return {"score": k / n if n else float("nan"), "ci95": wilson(k, n), "correct": k}
+ACCURACY = ("accuracy", "accuracy_norm", "exact_match")
+
+
+def statistic(metric: str, items: list[dict]) -> Callable[[np.ndarray], float]:
+    """The metric as a function of item indices; the per-item arrays are built once, so the bootstrap is cheap.
+    Items carry `correct`/`correct_norm` (accuracy), `gold`/`pred` (balanced accuracy, macro-F1) or `nll`/`tokens`."""
+    if metric in ACCURACY:
+        c = np.array([bool(it["correct_norm" if metric == "accuracy_norm" else "correct"]) for it in items], dtype=float)
+        return lambda idx: float(c[idx].mean()) if len(idx) else float("nan")
     if metric in ("balanced_accuracy", "macro_f1"):
         fn = balanced_accuracy if metric == "balanced_accuracy" else macro_f1
         gold = np.array([it["gold"] for it in items], dtype=object)
         pred = np.array([it["pred"] for it in items], dtype=object)
-        return {"score": fn(gold, pred), "ci95": bootstrap(lambda idx: fn(gold[idx], pred[idx]), n, seed)}
+        return lambda idx: fn(gold[idx], pred[idx])
     if metric == "perplexity":
         nll = np.array([it["nll"] for it in items], dtype=float)
         tok = np.array([it["tokens"] for it in items], dtype=float)
-        return {"score": perplexity(nll, tok), "ci95": bootstrap(lambda idx: perplexity(nll[idx], tok[idx]), n, seed),
-                "loss": float(nll.sum() / tok.sum()) if tok.sum() else float("nan"), "tokens": int(tok.sum())}
+        return lambda idx: perplexity(nll[idx], tok[idx])
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def score(metric: str, items: list[dict], seed: int = 0) -> dict:
+    """{score, ci95} (plus counts) for one model's per-item results."""
+    n = len(items)
+    stat = statistic(metric, items)
+    value = stat(np.arange(n))
+    if metric in ACCURACY:
+        k = round(value * n) if n else 0
+        return {"score": value, "ci95": wilson(k, n), "correct": k}
+    out = {"score": value, "ci95": bootstrap(stat, n, seed)}
+    if metric == "perplexity":
+        tokens = sum(it["tokens"] for it in items)
+        out.update(loss=sum(it["nll"] for it in items) / tokens if tokens else float("nan"), tokens=int(tokens))
+    return out
 
 
 def paired_delta_ci(metric: str, base: list[dict], tuned: list[dict], seed: int = 0) -> list[float]:
     """95% interval of score(tuned) - score(base), resampling the same items for both."""
-    n = len(base)
-
-    def stat(idx: np.ndarray) -> float:
-        b = [base[i] for i in idx]
-        t = [tuned[i] for i in idx]
-        return score_value(metric, t) - score_value(metric, b)
-
-    return bootstrap(stat, n, seed)
-
-
-def score_value(metric: str, items: list[dict]) -> float:
-    """The score alone (no interval): used inside the bootstrap."""
-    if metric in ("accuracy", "exact_match"):
-        return float(np.mean([bool(it["correct"]) for it in items]))
-    if metric == "accuracy_norm":
-        return float(np.mean([bool(it["correct_norm"]) for it in items]))
-    if metric == "balanced_accuracy":
-        return balanced_accuracy([it["gold"] for it in items], [it["pred"] for it in items])
-    if metric == "macro_f1":
-        return macro_f1([it["gold"] for it in items], [it["pred"] for it in items])
-    if metric == "perplexity":
-        return perplexity([it["nll"] for it in items], [it["tokens"] for it in items])
-    raise ValueError(f"unknown metric {metric!r}")
+    b, t = statistic(metric, base), statistic(metric, tuned)
+    return bootstrap(lambda idx: t(idx) - b(idx), len(base), seed)

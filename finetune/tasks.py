@@ -177,8 +177,8 @@ class Item:
     prompt: str
     gold: Any
     choices: list[str] = field(default_factory=list)
-    gold_text: str = ""
     segments: list[tuple[str, bool]] = field(default_factory=list)  # perplexity: (text, scored)
+    encoded: dict[str, Any] | None = None  # perplexity on rows prepare already tokenised: {input_ids, labels}
     row: int = 0
 
 
@@ -384,7 +384,7 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
     if task.type == "perplexity":
         return _perplexity_items(task, rows, template if template != "raw" else "alpaca", tok, system_prompt)
     prompt = _prompt_text(task, base_dir)
-    where = lambda n: f"task {task.name}: {task.name if task.path is None else task.path} row {n}"  # noqa: E731
+    where = lambda n: f"task {task.name}: {task.origin} row {n}"  # noqa: E731
     layouts = [(n, row, _layout(task, prompt, row, where(n))) for n, row in rows]
     shots_pool: list[Layout] = []
     if task.num_fewshot:
@@ -412,7 +412,7 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
         text = "\n\n".join(parts)
         full = wrap(text, lay.input, template, tok, system_prompt)
         rid = str(row.get("id", n))
-        items.append(Item(id=rid, prompt=full, gold=lay.gold, choices=[delim + c for c in lay.choices], gold_text=lay.gold_text, row=n))
+        items.append(Item(id=rid, prompt=full, gold=lay.gold, choices=[delim + c for c in lay.choices], row=n))
     return items
 
 

@@ -105,7 +105,7 @@ def encode(tok, row: dict[str, Any], template: str, system_prompt: str | None = 
         ids += piece
         labels += piece if supervised else [-100] * len(piece)
     bos = tok.bos_token_id
-    if bos is not None and _adds_bos(tok):
+    if bos is not None and adds_bos(tok):
         if ids[:1] != [bos]:
             ids, labels = [bos] + ids, [-100] + labels
         elif ids[1:2] == [bos]:
@@ -113,7 +113,16 @@ def encode(tok, row: dict[str, Any], template: str, system_prompt: str | None = 
     return Encoded(ids, labels, segs[0][0], segs[1][0])
 
 
-def _adds_bos(tok) -> bool:
+def token_ids(tok, text: str, bos: bool = True) -> list[int]:
+    """`text` tokenised as a prompt segment is at inference: no special tokens, one BOS in front when the tokenizer
+    uses one and the text does not already start with it."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if bos and tok.bos_token_id is not None and adds_bos(tok) and ids[:1] != [tok.bos_token_id]:
+        ids = [tok.bos_token_id] + ids
+    return ids
+
+
+def adds_bos(tok) -> bool:
     """Whether the tokenizer's own encoding starts sequences with BOS (Llama/Mistral do; Qwen2 does not)."""
     cached = getattr(tok, "_finetune_adds_bos", None)
     if cached is None:
