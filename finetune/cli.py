@@ -18,6 +18,7 @@ import typer
 from data_prep.errors import DataError
 
 from .errors import PublishRefused, StageFailed, UserError
+from .preempt import Preempted
 from .run import STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,6 +29,12 @@ SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Tiny stand-in model and
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<name>/, runs/<name>-smoke/ with --smoke).")]
 ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip stages done with the same inputs and continue an interrupted "
+                                         "training from its newest complete checkpoint (default); --no-resume starts training over.")]
+DriftOpt = Annotated[bool, typer.Option("--allow-drift", help="Resume a training whose recipe or data changed since its checkpoint "
+                                        "(refused otherwise).")]
+ShowOpt = Annotated[bool, typer.Option("--show-example", help="Print the text of a training sample that fails the preflight "
+                                       "(redacted to token counts otherwise: training data may be confidential).")]
 
 
 def _fail(e: BaseException, code: int) -> None:
@@ -44,7 +51,7 @@ def _guard(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (UserError, DataError, PublishRefused, StageFailed) as e:
+        except (UserError, DataError, PublishRefused, StageFailed, Preempted) as e:
             _fail(e, e.exit_code)
         except typer.Exit:
             raise
@@ -77,32 +84,39 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force) -> None:
+def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force, resume=True, allow_drift=False,
+         show_example=False) -> None:
     from .pipeline import make_context, run_stages, start
+    from .preempt import handling
 
-    ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [])
+    ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
+                                 resume=resume, allow_drift=allow_drift, show_example=show_example)
     _quiet_libraries()
-    start(ctx, resolved)
 
     def event(stage, what):
         colour = typer.colors.GREEN if what == "ran" else typer.colors.BLUE
         typer.secho(f"{stage:8s} {what}", fg=colour, err=True)
 
-    run_stages(ctx, stages, on_event=event)
+    with handling():
+        start(ctx, resolved)
+        run_stages(ctx, stages, on_event=event)
     typer.echo(str(ctx.run.root))
 
 
 @app.command()
 @_guard
 def run(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue a run: stages already done with the same inputs are skipped (always on).")] = True) -> None:
-    """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped."""
-    _run(recipe, STAGES, smoke, set_, run_dir, force)
+        resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False) -> None:
+    """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped.
+
+    SIGTERM or Ctrl-C during training finishes the step, writes a checkpoint and exits 143; the same command continues."""
+    _run(recipe, STAGES, smoke, set_, run_dir, force, resume, allow_drift, show_example)
 
 
 def _stage_command(stage: str, doc: str):
-    def command(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
-        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force)
+    def command(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+                resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False) -> None:
+        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force, resume, allow_drift, show_example)
 
     command.__doc__ = doc
     app.command(name=stage)(_guard(command))
@@ -210,18 +224,37 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     missing = [s for s in active_stages(recipe)[: active_stages(recipe).index(stage)] if (run.stage_record(s) or {}).get("status") != "done"]
     if missing:
         raise UserError(f"{run_dir}: stage {missing[0]} is not done; run `finetune run RECIPE` first")
-    run_stages(ctx, (stage,))
+    from .preempt import handling
+
+    with handling():
+        run_stages(ctx, (stage,))
     typer.echo(str(run.root))
 
 
 @app.command()
 @_guard
-def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None) -> None:
+def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None,
+             preflight: Annotated[bool, typer.Option("--preflight", help="Also build a sample of the training data with the "
+                                                     "recipe's tokenizer and template and check it as training would (one BOS, "
+                                                     "EOS supervised, prompt masked, response marker, truncation, prompt parity).")] = False,
+             show_example: ShowOpt = False) -> None:
     """Check a recipe against the schema (and, with --smoke, that it can run as a smoke test)."""
+    import tempfile
+
     from .pipeline import make_context
 
-    ctx, _ = make_context(str(recipe), set_ or [], smoke, "/nonexistent-run-dir" if smoke else None, [])
-    typer.echo(f"{recipe}: valid ({ctx.recipe.name}, {ctx.recipe.domain}, base {ctx.original_base})")
+    with tempfile.TemporaryDirectory(prefix="finetune-preflight-") as scratch:
+        ctx, resolved = make_context(str(recipe), set_ or [], smoke, scratch, [])
+        typer.echo(f"{recipe}: valid ({ctx.recipe.name}, {ctx.recipe.domain}, base {ctx.original_base})")
+        if not preflight:
+            return
+        from .pipeline import start
+        from .preflight import preflight_recipe
+
+        _quiet_libraries()
+        start(ctx, resolved)  # under --smoke this builds the stand-in model and tokenizer in the scratch folder
+        out = preflight_recipe(ctx.recipe, ctx.recipe_dir, ctx.run, show_example)
+        typer.echo(f"preflight: {out['samples']} rendered training samples passed")
 
 
 @app.command()

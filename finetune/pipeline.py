@@ -18,14 +18,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from .recipe import Recipe, redact, resolve_path
-from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, write_json, write_recipe  # noqa: F401
+from .recipe import SECRET_ENV, Recipe, redact, resolve_path
+from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, sha256_json, write_json, write_recipe  # noqa: F401
 
 log = logging.getLogger("finetune")
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
             "huggingface_hub", "tokenizers", "safetensors", "pydantic", "wandb", "datasketch", "pyarrow", "math-verify")
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
 
 
 @dataclass
@@ -37,6 +36,9 @@ class Context:
     original_base: str = ""
     force: set[str] = field(default_factory=set)
     raw: Recipe | None = None  # the recipe as written (before --smoke), which holds `samples`
+    resume: bool = True  # continue an interrupted training stage from its newest complete checkpoint
+    allow_drift: bool = False  # ... even when its recipe sections or input files changed since
+    show_example: bool = False  # preflight failures print the offending sample's text (redacted otherwise)
 
 
 class RedactSecrets(logging.Filter):
@@ -207,7 +209,35 @@ def _publish_target_present(ctx: Context) -> bool:
     return True
 
 
-def _run_stage(ctx: Context, stage: str) -> Any:
+def checkpoint_dir(run: RunDir, stage: str) -> Path:
+    return run.checkpoints if stage == "train" else run.root / f"checkpoints-{stage}"
+
+
+def _parts(sections: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
+    """Per-part hashes behind a fingerprint, kept in the manifest so a refused resume can say what changed."""
+    return {**{f"recipe {k}": sha256_json(v) for k, v in sections.items()}, **{f"file {k}": v for k, v in inputs.items()}}
+
+
+def resume_point(ctx: Context, stage: str, rec: dict[str, Any] | None, fp: str, parts: dict[str, str]) -> Path | None:
+    """The checkpoint an interrupted training stage continues from, or None to start it afresh. Resuming with other
+    settings or data than the checkpoint was trained with would silently mix two runs: refused unless --allow-drift."""
+    from . import checkpoints
+    from .errors import UserError
+
+    if stage not in ("cpt", "train") or not ctx.resume or stage in ctx.force or rec is None or rec.get("status") == "done":
+        return None
+    last = checkpoints.latest(checkpoint_dir(ctx.run, stage))
+    if last is None:
+        return None
+    if rec.get("fingerprint") != fp and not ctx.allow_drift:
+        old = rec.get("parts", {})
+        changed = sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k)) or ["the stage's inputs"]
+        raise UserError(f"{stage}: {last} was written by a run with other inputs (changed: {', '.join(changed[:5])}). "
+                        f"Resume from it anyway with --allow-drift, start the stage over with --force {stage}, or undo the change")
+    return last
+
+
+def _run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any:
     r, run = ctx.recipe, ctx.run
     if stage == "prepare":
         from .models import load_tokenizer
@@ -219,7 +249,7 @@ def _run_stage(ctx: Context, stage: str) -> Any:
     if stage in ("cpt", "train"):
         from .train import train
 
-        return train(r, run, "cpt" if stage == "cpt" else "sft")
+        return train(r, run, "cpt" if stage == "cpt" else "sft", resume_from, ctx.show_example)
     if stage == "eval":
         from .evaluate import evaluate
 
@@ -265,22 +295,39 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
                 on_event(stage, "skipped")
             continue
         cascade = True
-        run.update_stage(stage, status="running", fingerprint=fp, started=now(), ended=None, error=None, outputs={})
+        parts = _parts(sections, inputs)
+        resume_from = resume_point(ctx, stage, rec, fp, parts)
+        run.update_stage(stage, status="running", fingerprint=fp, parts=parts, started=now(), ended=None, error=None, outputs={},
+                         resumed_from=str(resume_from.relative_to(run.root)) if resume_from else None)
+        _set_status(run, "running")
         t0 = time.time()
         try:
-            result = _run_stage(ctx, stage)
+            result = _run_stage(ctx, stage, resume_from)
         except BaseException as e:
-            run.update_stage(stage, status="failed", ended=now(), error=f"{type(e).__name__}: {e}"[:2000])
+            from .preempt import Preempted
+
+            status = "preempted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
+            run.update_stage(stage, status=status, ended=now(), error=f"{type(e).__name__}: {e}"[:2000])
+            _set_status(run, status)
             raise
         run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),
                          outputs=run.describe_outputs([p for p in stage_outputs(ctx, stage) if p.exists()]), result=_summary(result))
         outcome[stage] = "ran"
         if on_event:
             on_event(stage, "ran")
+    _set_status(run, "done")
     return outcome
 
 
-def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: str | None, force: list[str]) -> tuple[Context, dict[str, Any]]:
+def _set_status(run: RunDir, status: str) -> None:
+    """The run's overall state: running, done, failed, or preempted (stopped on a signal after a clean checkpoint)."""
+    m = run.manifest()
+    m["status"] = status
+    write_json(run.manifest_path, m)
+
+
+def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: str | None, force: list[str],
+                 **options: Any) -> tuple[Context, dict[str, Any]]:
     """Validate everything that can be validated before the run directory is touched."""
     from .errors import UserError
     from .recipe import load_recipe
@@ -300,7 +347,7 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         from .smoke import smoke_recipe
 
         recipe = smoke_recipe(recipe, recipe_dir, run, overrides)
-    ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw)
+    ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw, **options)
     return ctx, recipe.model_dump(mode="json")
 
 

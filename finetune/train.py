@@ -1,21 +1,22 @@
 """Stage 2, train: trl's SFTTrainer + peft LoRA on all linear layers over a (really) 4-bit base.
 
 The data arrives tokenised, with labels (prompt masked, EOS supervised) built by prepare; trl only packs and
-batches it. We wrap what the trainer does not do: metrics.jsonl whatever the tracker, checkpoints named
-step-NNNNNN with a COMPLETE marker, a stop on non-finite loss, and the 4-bit check before the first step.
+batches it. We wrap what the trainer does not do: the 4-bit check and the preflight (preflight.py) before the first
+step; metrics.jsonl whatever the tracker; atomic checkpoints (checkpoints.py) and exact resume from the newest
+complete one; a clean stop on SIGTERM/SIGINT (preempt.py); a stop on non-finite loss or gradients.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints, preempt, tracking
+from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
 from .run import RunDir, write_json
@@ -23,11 +24,18 @@ from .run import RunDir, write_json
 log = logging.getLogger("finetune")
 
 
-def _callbacks(run: RunDir, keep: int | None, ckpt_dir: Path, metrics: Path):
+class NonFinite(StageFailed):
+    """Training produced a NaN/inf loss or gradient norm more often than `training.nonfinite_patience` allows."""
+
+
+def _callbacks(run: RunDir, recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
+    import torch
     from transformers import TrainerCallback
 
+    patience = recipe.training.nonfinite_patience
+
     class Metrics(TrainerCallback):
-        """Append every logged metric line to RUN/logs/metrics.jsonl; stop on a non-finite loss."""
+        """Append every logged metric line to RUN/logs/metrics.jsonl, with the guards' counters."""
 
         def __init__(self):
             self.t0 = time.time()
@@ -35,40 +43,120 @@ def _callbacks(run: RunDir, keep: int | None, ckpt_dir: Path, metrics: Path):
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
-            run.logs.mkdir(parents=True, exist_ok=True)
             line = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - self.t0, 3), **logs}
+            if guard["skipped_steps"] or guard["masked_batches"]:
+                line.update(skipped_steps=guard["skipped_steps"], masked_batches=guard["masked_batches"])
             with open(metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
-            loss = logs.get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss} at step {state.global_step}")
+
+    class Guard(TrainerCallback):
+        """Before each optimizer step: a non-finite loss or gradient norm skips the update (grads dropped, so AdamW
+        leaves the weights alone) up to `patience` times in a row, then stops training naming the step. HF's
+        `logging_nan_inf_filter` would only hide it from the log."""
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.tensor(0.0)
+            step = state.global_step + 1
+            bad = [what for what, ok in (("loss", guard.pop("finite_loss", True)), ("gradient norm", bool(torch.isfinite(norm)))) if not ok]
+            if not bad:
+                guard["streak"] = 0
+                return
+            guard["streak"] += 1
+            if guard["streak"] > patience:
+                raise NonFinite(f"non-finite {' and '.join(bad)} at optimizer step {step} (epoch {state.epoch or 0:.2f}); training "
+                                f"stopped{' after ' + str(guard['streak']) + ' such steps in a row' if patience else ''}. No checkpoint "
+                                f"was written from it; the last complete one is in {ckpt_dir}. Lower training.learning_rate, check "
+                                "the data of this step, or allow skips with training.nonfinite_patience")
+            for p in model.parameters():
+                p.grad = None
+            guard["skipped_steps"] += 1
+            log.warning("non-finite %s at step %d: update skipped (%d of %d allowed in a row)", " and ".join(bad), step, guard["streak"], patience)
+
+    class Preemption(TrainerCallback):
+        """A SIGTERM/SIGINT during the loop: save a checkpoint at the end of this step and stop (preempt.py)."""
+
+        def _check(self, control):
+            if preempt.requested():
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_step_end(self, args, state, control, **kw):
+            return self._check(control)
+
+        def on_prediction_step(self, args, state, control, **kw):  # a signal during in-training evaluation
+            return self._check(control)
 
     class Checkpoints(TrainerCallback):
-        """Rename checkpoint-N to step-NNNNNN (sortable), mark it COMPLETE last, keep the newest `keep`."""
+        """Move checkpoint-N to RUN/checkpoints/step-NNNNNN atomically (checkpoints.py), refusing non-finite weights."""
 
         def on_save(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
             src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not src.exists():
-                return
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            dst = ckpt_dir / f"step-{state.global_step:06d}"
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(src, dst)
-            (dst / "COMPLETE").write_text(json.dumps({"step": state.global_step}) + "\n")
-            done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "COMPLETE").exists())
-            for old in done[: -keep] if keep else []:
-                shutil.rmtree(old, ignore_errors=True)
+            if src.exists():
+                checkpoints.finalize(src, ckpt_dir, state.global_step, check=_finite_weights)
+                checkpoints.rotate(ckpt_dir, recipe.training.save_total_limit)
 
-    return [Metrics(), Checkpoints()]
+    return [Metrics(), Guard(), Preemption(), Checkpoints()]
 
 
-def _dataset(path: Path):
+def _finite_weights(folder: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    for f in folder.glob("*.safetensors"):
+        bad = [k for k, v in load_file(f).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFinite(f"{f.name}: non-finite values in {bad[0]} (and {len(bad) - 1} more); checkpoint not written")
+
+
+def _trainer_class():
+    """trl's SFTTrainer with two guards: the loss of every micro-batch is checked (read by the Guard callback before
+    the optimizer step), and a micro-batch without a supervised token is counted and reported. trl already turns such
+    a batch into a finite, graph-connected zero loss (its token count is clamped to 1)."""
+    import torch
+    from trl import SFTTrainer
+
+    class GuardedTrainer(SFTTrainer):
+        guard: dict[str, Any]
+        adapter_dtype: torch.dtype
+
+        def cast_adapter(self) -> None:
+            """trl casts a QLoRA adapter to bfloat16 at init (the QLoRA paper's choice, right for bf16 GPUs), but peft's
+            `load_adapter`, which the Trainer calls on resume, casts it back to float32: a resumed run then trains other
+            weights than the uninterrupted one. One dtype for both, the recipe's: bfloat16 with bf16 compute on a GPU,
+            float32 otherwise (fp16 mixed precision needs float32 master weights)."""
+            for p in self.model.parameters():
+                if p.requires_grad and p.dtype != self.adapter_dtype:
+                    p.data = p.data.to(self.adapter_dtype)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self.cast_adapter()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if self.model.training and labels is not None and int((labels[..., 1:] != -100).sum()) == 0:
+                self.guard["masked_batches"] += 1
+                log.warning("a micro-batch at step %d has no supervised token: it adds nothing to the update (%d so far)",
+                            self.state.global_step + 1, self.guard["masked_batches"])
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not bool(torch.isfinite(loss.detach()).all()):
+                self.guard["finite_loss"] = False
+            return loss
+
+    return GuardedTrainer
+
+
+def _dataset(rows: list[dict[str, Any]]):
     """Tokenised rows; CPT blocks have no labels: every token is supervised."""
     from datasets import Dataset
 
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
     return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r.get("labels", r["input_ids"]) for r in rows]})
 
 
@@ -83,7 +171,7 @@ def stage_settings(recipe: Recipe, stage: str):
     return t, c.block_size, False  # blocks are already packed to block_size
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sft"):
+def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sft", report_to: list[str] | None = None):
     from trl import SFTConfig
 
     t, max_length, packing = stage_settings(recipe, stage)
@@ -116,7 +204,8 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
         bf16=bf16,
         fp16=on_gpu and recipe.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu,
-        report_to=list(recipe.tracking.report_to) or "none",
+        report_to=(report_to if report_to is not None else list(recipe.tracking.report_to)) or "none",
+        logging_nan_inf_filter=False,  # a NaN must show in the log (and stops training: the Guard callback)
         run_name=f"{recipe.name}-{stage}" if stage != "sft" else recipe.name,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -147,12 +236,24 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
     return get_peft_model(model, lcfg)
 
 
-def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """On resume: keep the metric lines up to the checkpoint's step; later ones were logged by steps being redone."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | None = None, show_example: bool = False) -> dict[str, Any]:
     """Train one stage. `cpt` writes RUN/cpt/ (continued pretraining on packed blocks); `sft` writes RUN/adapter/, starting
-    from RUN/cpt/ when the recipe's stages are [cpt, sft]."""
+    from RUN/cpt/ when the recipe's stages are [cpt, sft]. `resume_from`: a complete checkpoint of this stage to continue
+    from (optimizer, scheduler, RNG and data position restored, so the result equals an uninterrupted run)."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from trl import SFTTrainer
 
     from .models import load_tokenizer
 
@@ -168,44 +269,69 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
     log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
 
     prefix = "cpt_" if stage == "cpt" else ""
-    train_ds = _dataset(run.data / f"{prefix}train.jsonl")
-    val_ds = _dataset(run.data / f"{prefix}val.jsonl")
+    rows = _rows(run.data / f"{prefix}train.jsonl")
+    train_ds = _dataset(rows)
+    val_ds = _dataset(_rows(run.data / f"{prefix}val.jsonl"))
     has_val = len(val_ds) > 0
-    if recipe.tracking.report_to and "wandb" in recipe.tracking.report_to:
-        os.environ.setdefault("WANDB_PROJECT", recipe.tracking.project)
-        os.environ.setdefault("WANDB_DIR", str(run.logs))
-    # Metrics are appended per run of this stage; a rerun starts a fresh file.
+    report_to = tracking.configure(recipe.tracking.report_to, recipe.tracking.project, run.logs, stage)
     run.logs.mkdir(parents=True, exist_ok=True)
     metrics = run.metrics if stage == "sft" else run.logs / f"metrics-{stage}.jsonl"
-    metrics.unlink(missing_ok=True)
     ckpts = run.checkpoints if stage == "sft" else run.root / f"checkpoints-{stage}"
-    shutil.rmtree(ckpts, ignore_errors=True)
-    ckpts.mkdir(parents=True)
+    if resume_from is not None:
+        checkpoints.sweep(ckpts)  # leftovers of the interrupted write; complete checkpoints stay
+        _keep_metrics_until(metrics, checkpoints.step_of(resume_from))
+        log.info("%s: resuming from %s", stage, resume_from)
+    else:
+        metrics.unlink(missing_ok=True)
+        shutil.rmtree(ckpts, ignore_errors=True)
+    ckpts.mkdir(parents=True, exist_ok=True)
     work = run.root / f".trainer-{stage}"
     shutil.rmtree(work, ignore_errors=True)
-    trainer = SFTTrainer(
+    guard = {"skipped_steps": 0, "masked_batches": 0, "streak": 0}
+    trainer = _trainer_class()(
         model=model,
-        args=sft_config(recipe, work, has_val, stage),
+        args=sft_config(recipe, work, has_val, stage, report_to),
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
         processing_class=tok,
-        callbacks=_callbacks(run, recipe.training.save_total_limit, ckpts, metrics),
+        callbacks=_callbacks(run, recipe, ckpts, metrics, guard),
     )
+    trainer.guard = guard
+    bf16_gpu = device() == "cuda" and recipe.quantization.compute_dtype == "bfloat16" and recipe.quantization.bits != 16
+    trainer.adapter_dtype = torch.bfloat16 if bf16_gpu else torch.float32
+    trainer.cast_adapter()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # metrics go to logs/metrics.jsonl, not raw dicts on stdout
-    t0 = time.time()
-    result = trainer.train()
-    wall = time.time() - t0
-    if "wandb" in recipe.tracking.report_to:
-        import wandb
+    checks = None
+    if stage == "sft" and recipe.training.preflight_samples:
+        from .preflight import preflight
 
-        wandb.finish()  # the Trainer never calls it; offline runs stay empty until it is called
+        checks = preflight(tok, rows, recipe.data.template, recipe.data.system_prompt, recipe.data.max_length, show_example,
+                           recipe.training.preflight_samples, trainer.data_collator, trainer.train_dataset)
+        write_json(run.logs / "preflight.json", checks)
+    t0 = time.time()
+    ok = False
+    try:
+        with preempt.deferred():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        ok = True
+    finally:
+        tracking.finish(report_to, ok and not preempt.requested())
+    wall = time.time() - t0
+    if preempt.requested():
+        last = checkpoints.latest(ckpts)
+        shutil.rmtree(work, ignore_errors=True)
+        raise preempt.Preempted(f"{stage}: stopped by {preempt.requested()} after step {trainer.state.global_step}; "
+                                f"complete checkpoint {last}. Continue with the same `finetune run` command")
+    if trainer.state.global_step != trainer.state.max_steps:  # verl#7401: a resume that skipped an epoch and exited 0
+        raise StageFailed(f"{stage}: ran {trainer.state.global_step} optimizer steps of {trainer.state.max_steps} planned")
     with run.staged("adapter" if stage == "sft" else stage) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         summary = {
             "global_step": trainer.state.global_step,
+            "planned_steps": trainer.state.max_steps,
             "train_loss": result.training_loss,
             "train_runtime_s": round(wall, 3),
             "train_rows": len(train_ds),
@@ -214,6 +340,10 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft") -> dict[str, Any]:
             "quantization": qreport.as_dict() if qreport else {"bits": 16},
             "device": device(),
             "stage": stage,
+            "resumed_from_step": checkpoints.step_of(resume_from) if resume_from else None,
+            "skipped_nonfinite_steps": guard["skipped_steps"],
+            "masked_batches": guard["masked_batches"],
+            **({"preflight": checks} if checks else {}),
             **({"continued_from": "cpt"} if stage == "sft" and "cpt" in recipe.stages else {}),
         }
         write_json(tmp / "training_summary.json", summary)

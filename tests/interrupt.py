@@ -1,0 +1,60 @@
+"""Run the `finetune` command line in this process and send it a real signal at a chosen point of training.
+
+    python -m tests.interrupt --at-step 7 --signal TERM -- run recipes/legal.yaml --smoke --run-dir D ...
+    python -m tests.interrupt --at-step 6 --signal KILL --in-checkpoint-write -- run ...
+
+`--at-step N`: the signal is sent with os.kill as optimizer step N begins, so it arrives mid-step, as a scheduler's
+would. `--in-checkpoint-write`: sent while checkpoint N is being written (after the Trainer wrote it, before its
+COMPLETE marker), the worst moment for a SIGKILL. Nothing else in the command changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    cut = argv.index("--")
+    p = argparse.ArgumentParser()
+    p.add_argument("--at-step", type=int, required=True)
+    p.add_argument("--signal", default="TERM")
+    p.add_argument("--in-checkpoint-write", action="store_true")
+    opts = p.parse_args(argv[:cut])
+    sig = getattr(signal, f"SIG{opts.signal}")
+
+    from transformers import TrainerCallback
+
+    import finetune.checkpoints as ck
+    import finetune.train as train
+
+    if opts.in_checkpoint_write:
+        fsync_tree = ck._fsync_tree
+
+        def dying_fsync(path):
+            fsync_tree(path)
+            if path.name == f"step-{opts.at_step:06d}.tmp":
+                os.kill(os.getpid(), sig)
+
+        ck._fsync_tree = dying_fsync
+    else:
+        callbacks = train._callbacks
+
+        class Signal(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step + 1 == opts.at_step:
+                    os.kill(os.getpid(), sig)
+
+        train._callbacks = lambda *a, **kw: callbacks(*a, **kw) + [Signal()]
+
+    from finetune.cli import main as cli
+
+    sys.argv = ["finetune", *argv[cut + 1:]]
+    cli()
+
+
+if __name__ == "__main__":
+    main()
