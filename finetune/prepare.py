@@ -43,8 +43,8 @@ def encode_rows(rows: list[dict], enc, recipe: Recipe, rejects: list[dict], eos:
                 continue
             e = cut
             counts["overlong_truncated"] += 1
-        out.append({**public(r), "prompt": e.prompt, "completion": e.completion,
-                    "input_ids": e.input_ids, "labels": e.labels})
+        out.append({**public(r), "prompt": e.prompt, "completion": e.completion, "input_ids": e.input_ids, "labels": e.labels,
+                    **({"truncated": True} if len(e.input_ids) < len(enc(r).input_ids) else {})})
     return out, counts
 
 
@@ -85,6 +85,11 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any
     stats = {"train": lengths([len(e["input_ids"]) for e in train]), "val": lengths([len(e["input_ids"]) for e in val]),
              "unit": "tokens", "tokenizer": "recipe tokenizer", "max_length": d.max_length}
     counts = {k: c_train[k] + c_val[k] for k in c_train}
+    # Rows over max_length under `drop` were removed by the build (filter "overlong" in rejects.jsonl): count them too.
+    counts["overlong_dropped"] = sum(1 for x in rejects if x["filter"] == "overlong")
+    if counts["overlong_dropped"] or counts["overlong_truncated"]:
+        log.warning("prepare: rows over data.max_length=%d: %d dropped, %d truncated (their EOS kept)", d.max_length,
+                    counts["overlong_dropped"], counts["overlong_truncated"])
     with run.staged("data") as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "val.jsonl", val)
