@@ -50,6 +50,10 @@ def weights_dtype(recipe: Recipe) -> torch.dtype:
     return DTYPES[recipe.base_model.dtype] if device() == "cuda" else torch.float32
 
 
+_REMOTE_CODE = ("base_model.id {id!r} needs Python code shipped with the model repository, which finetune does not run "
+                "unless the recipe says so: set base_model.trust_remote_code: true only for a repository you trust")
+
+
 def load_tokenizer(model_path: str, recipe: Recipe):
     from transformers import AutoTokenizer
 
@@ -59,6 +63,10 @@ def load_tokenizer(model_path: str, recipe: Recipe):
         )
     except OSError as e:
         raise UserError(f"base_model.id {recipe.base_model.id!r}: cannot load its tokenizer ({e})") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(_REMOTE_CODE.format(id=recipe.base_model.id)) from None
     if tok.pad_token is None:
         # Our labels carry the EOS explicitly, so pad == eos cannot mask it; a distinct pad is still preferred.
         tok.pad_token = tok.unk_token or tok.eos_token
@@ -102,6 +110,10 @@ def load_model(model_path: str, recipe: Recipe, quantized: bool, dtype: torch.dt
         )
     except OSError as e:
         raise UserError(f"base_model.id {recipe.base_model.id!r}: cannot load the model ({e})") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(_REMOTE_CODE.format(id=recipe.base_model.id)) from None
     unfuse_experts(model)
     if qconf is not None and recipe.quantization.bits == 4:
         quantize_leftover_linears(model, recipe)

@@ -9,6 +9,7 @@ Importing this module must not import torch.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -98,8 +99,20 @@ class TrainingSpec(Section):
     seed: int = Field(42, description="Seed for initialisation, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Steps between metric lines in logs/metrics.jsonl.")
     save_steps: int = Field(500, ge=1, description="Steps between checkpoints.")
-    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Complete checkpoints kept on disk (oldest deleted first, only once a newer one is complete; "
+        "never fewer than one); null keeps all."
+    )
     eval_steps: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations during training; null = only at the end.")
+    nonfinite_patience: int = Field(
+        0, ge=0, description="Optimizer steps with a NaN/inf loss or gradient norm that are skipped (no update, counted in "
+        "metrics.jsonl) before training stops naming the step; 0 stops at the first. A checkpoint is never written with "
+        "non-finite weights either way."
+    )
+    preflight_samples: int = Field(
+        64, ge=0, description="Training rows rendered and checked before the first step (one BOS, EOS supervised, prompt "
+        "masked, response marker, no EOS lost to truncation, prompt equal to the generation prompt); 0 turns it off."
+    )
 
 
 class EvalSpec(Section):
@@ -152,7 +165,12 @@ class PublishSpec(Section):
 class TrackingSpec(Section):
     """Experiment tracking; RUN/logs/metrics.jsonl is always written whatever is chosen here."""
 
-    report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list, description="Trackers to send metrics to (keys come from the environment only).")
+    report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Trackers to send metrics to. wandb runs online when WANDB_API_KEY is set, offline under RUN/logs/wandb "
+        "otherwise; tensorboard writes RUN/logs/tensorboard; mlflow uses MLFLOW_TRACKING_URI or a file store in RUN/logs/mlruns. "
+        "Keys come from the environment only.",
+    )
     project: str = Field("finetune", description="Tracker project name.")
 
 
@@ -335,6 +353,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     """Read, override and validate a recipe. Returns it with the folder its relative paths are resolved against."""
     path = Path(path)
     data = apply_overrides(_yaml_load(path), overrides or [])
+    leaks = secret_paths(data)
+    if leaks:
+        raise UserError(f"{path}: {leaks[0]} holds what looks like an access token. Secrets are read from the environment "
+                        f"only (HF_TOKEN, WANDB_API_KEY ...), never from a recipe, which is copied into the run directory, "
+                        f"logs and model cards: remove it and export the variable instead"
+                        + (f" (also at: {', '.join(leaks[1:4])})" if len(leaks) > 1 else ""))
     return parse_recipe(data, str(path)), path.resolve().parent
 
 
@@ -345,6 +369,25 @@ def json_schema() -> dict[str, Any]:
 # A key that names a secret (`token`, `hf_token`, `api_key`), not one that merely contains the word (`max_new_tokens`).
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey)$", re.I)
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{8,}|wandb_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9]{16,})")
+
+
+# What a recipe may never contain: token formats (Hugging Face `hf_` + 34 letters and digits, OpenAI-style `sk-`,
+# W&B's `wandb_v1_` keys). Stricter than _SECRET_VALUE (which redacts) so paths like `hf_datasets_cache/` pass.
+_TOKEN_IN_RECIPE = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|wandb_v1_[A-Za-z0-9_]{20,})")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+
+
+def secret_paths(obj: Any, where: str = "") -> list[str]:
+    """Dotted paths of recipe values that look like a token, or equal the value of a secret environment variable."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in secret_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in secret_paths(v, f"{where}.{i}")]
+    if isinstance(obj, str):
+        env = [os.environ[n] for n in SECRET_ENV if len(os.environ.get(n, "")) >= 8]
+        if _TOKEN_IN_RECIPE.search(obj) or any(v in obj for v in env):
+            return [where or "(top level)"]
+    return []
 
 
 def redact(obj: Any) -> Any:
