@@ -125,7 +125,10 @@ def check_rows(tok, rows: list[dict[str, Any]], template: str, system_prompt: st
             fail("truncation", r, f"{len(ids)} tokens > max_length {max_length}: the trainer would cut the answer and its EOS")
         k = sup[0]
         gen_ids, marker = _generation_prompt(tok, r, template, system_prompt)
-        if ids[:k] != gen_ids:
+        if ids[: len(gen_ids)] == gen_ids and k != len(gen_ids):
+            fail("prompt_masked", r, f"{len(gen_ids) - k} prompt tokens are supervised" if k < len(gen_ids) else
+                 f"the first {k - len(gen_ids)} response tokens are masked")
+        elif ids[:k] != gen_ids:
             fail("parity", r, f"training prompt ({k} tokens) differs from the generation prompt inference builds ({len(gen_ids)} "
                  f"tokens) from token {next((i for i, (a, b) in enumerate(zip(ids, gen_ids)) if a != b), min(k, len(gen_ids)))}")
         prefix = tok.decode(ids[:k])

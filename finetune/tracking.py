@@ -39,6 +39,10 @@ def configure(report_to: list[str], project: str, logs: Path, stage: str) -> lis
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs / "tensorboard" / stage)
     if "mlflow" in report_to:
         _default("MLFLOW_TRACKING_URI", (logs / "mlruns").resolve().as_uri())
+        if _ours.get("MLFLOW_TRACKING_URI") == os.environ["MLFLOW_TRACKING_URI"]:
+            # mlflow 3 refuses its file store unless asked; it is the one backend the client alone (mlflow-skinny)
+            # can write, with no server or database: fine for a run-local record (`mlflow ui --backend-store-uri` reads it).
+            _default("MLFLOW_ALLOW_FILE_STORE", "true")
         _default("MLFLOW_EXPERIMENT_NAME", project)
     return list(report_to)
 

@@ -2,7 +2,9 @@
 
     python -m tests.interrupt --at-step 7 --signal TERM -- run recipes/legal.yaml --smoke --run-dir D ...
     python -m tests.interrupt --at-step 6 --signal KILL --in-checkpoint-write -- run ...
+    python -m tests.interrupt --in-stage eval --signal TERM -- run ...
 
+`--in-stage S`: sent as stage S starts (data preparation, evaluation: stages without an optimizer loop).
 `--at-step N`: the signal is sent with os.kill as optimizer step N begins, so it arrives mid-step, as a scheduler's
 would. `--in-checkpoint-write`: sent while checkpoint N is being written (after the Trainer wrote it, before its
 COMPLETE marker), the worst moment for a SIGKILL. Nothing else in the command changes.
@@ -20,7 +22,8 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--")
     p = argparse.ArgumentParser()
-    p.add_argument("--at-step", type=int, required=True)
+    p.add_argument("--at-step", type=int)
+    p.add_argument("--in-stage", help="send the signal as this pipeline stage starts (prepare, eval ...)")
     p.add_argument("--signal", default="TERM")
     p.add_argument("--in-checkpoint-write", action="store_true")
     opts = p.parse_args(argv[:cut])
@@ -31,7 +34,21 @@ def main() -> None:
     import finetune.checkpoints as ck
     import finetune.train as train
 
-    if opts.in_checkpoint_write:
+    if opts.in_stage:
+        import time
+
+        import finetune.pipeline as pipeline
+
+        run_stage = pipeline._run_stage
+
+        def signalled(ctx, stage, *a):
+            if stage == opts.in_stage:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler raises here: the stage never gets further
+            return run_stage(ctx, stage, *a)
+
+        pipeline._run_stage = signalled
+    elif opts.in_checkpoint_write:
         fsync_tree = ck._fsync_tree
 
         def dying_fsync(path):
