@@ -343,3 +343,35 @@ def test_overlong_policy_counts_and_truncation_keeps_the_eos(tmp_path, policy):
     else:
         assert stats["overlong_truncated"] == 5 and stats["overlong_dropped"] == 0 and len(out) == 20
         assert sum(1 for x in out if x.get("truncated")) == 5
+
+
+def test_packed_rows_score_like_separate_rows(prepared):
+    """`training.packing`: rows concatenated padding-free (trl's collator, position ids restarting per row) give every
+    token the loss it has alone, and no label reaches across rows (RELIABILITY.md test 9)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [json.loads(line) for line in (prepared / "data/train.jsonl").read_text().splitlines()][:4]
+    items = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    model = AutoModelForCausalLM.from_pretrained(prepared / "base", dtype=torch.float32).eval()
+    pad = DataCollatorForLanguageModeling(pad_token_id=3)(items)
+    packed = DataCollatorForLanguageModeling(pad_token_id=3, padding_free=True)(items)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+
+    def token_losses(batch):
+        with torch.no_grad():
+            # use_cache=False as in trl's compute_loss: with a cache, transformers does not look for packed rows
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return nll[labels != -100]
+
+    alone, together = token_losses(pad), token_losses(packed)
+    assert alone.numel() == together.numel() == sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
+    assert torch.allclose(alone, together, atol=1e-5)
+    # Without the restarting position ids the rows would attend to each other: the check can fail.
+    leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+    assert (token_losses(leaky) - alone).abs().max() > 1e-3
+    # The first token of each row is never a label, so no row is trained to follow the one before it.
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten()
+    assert (packed["labels"][0, starts] == -100).all()
