@@ -122,14 +122,19 @@ def test_sigkill_inside_a_checkpoint_write_resumes_from_the_previous_one(prepare
     assert [p.name for p in checkpoints.complete(d / "checkpoints")] == ["step-000012", "step-000014"]
 
 
-def test_resume_with_changed_settings_is_refused_unless_allowed(reference, tmp_path):
+def stopped_after_12(reference, tmp_path):
+    """A copy of the reference run as if it had been stopped after step 12: the stage not done, its checkpoint there."""
     d = tmp_path / "run"
     shutil.copytree(reference, d)
-    # As if stopped after step 12: the stage not done, its checkpoint there.
     m = manifest(d)
     m["stages"]["train"]["status"] = "preempted"
     (d / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(d / "checkpoints/step-000014")
+    return d
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(reference, tmp_path):
+    d = stopped_after_12(reference, tmp_path)
     changed = [*SETS, "training.learning_rate=1e-3"]
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), [])
     start(ctx, resolved)
@@ -150,12 +155,7 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(reference, tmp_p
 
 def test_a_pickle_payload_in_a_checkpoint_is_refused(reference, tmp_path):
     """torch.load(weights_only=True) everywhere a checkpoint is read: a crafted rng_state.pth runs nothing."""
-    d = tmp_path / "run"
-    shutil.copytree(reference, d)
-    m = manifest(d)
-    m["stages"]["train"]["status"] = "preempted"
-    (d / "manifest.json").write_text(json.dumps(m))
-    shutil.rmtree(d / "checkpoints/step-000014")
+    d = stopped_after_12(reference, tmp_path)
     sentinel = tmp_path / "pwned"
 
     class Payload:
