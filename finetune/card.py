@@ -31,7 +31,7 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
     data_lic = [p.get("license") or "unknown" for p in provenance]
     known = {l for l in [recipe.base_model.license, *data_lic] if l}
     warnings = []
-    if any("nc" in l.lower().split("-") for l in known):
+    if any(_non_commercial(l) for l in known):
         warnings.append("Some training data is licensed for non-commercial use only: so is this model.")
     if "unknown" in data_lic:
         warnings.append("The licence of some training data is unknown: check it before any use.")
@@ -41,6 +41,22 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
     if len(licences) == 1:
         return licences.pop(), warnings
     return "other", warnings + [f"Licences involved: {', '.join(sorted(known))}."]
+
+
+def _non_commercial(licence: str) -> bool:
+    return any(part in ("nc", "noncommercial", "non-commercial") for part in licence.lower().replace("_", "-").split("-")) or "non-commercial" in licence.lower()
+
+
+def licence_conflicts(recipe: Recipe, provenance: list[dict[str, Any]]) -> list[str]:
+    """Licence claims the inputs do not allow: a `publish.license` without the non-commercial restriction of some data or
+    of the base model."""
+    claimed = recipe.publish.license
+    if not claimed or _non_commercial(claimed):
+        return []
+    restricted = [f"{_source_name(p)} ({p['license']})" for p in provenance if p.get("license") and _non_commercial(p["license"])]
+    if recipe.base_model.license and _non_commercial(recipe.base_model.license):
+        restricted.insert(0, f"base model {recipe.base_model.id} ({recipe.base_model.license})")
+    return [f"publish.license {claimed!r} allows commercial use, but {', '.join(restricted)} does not"] if restricted else []
 
 
 def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -192,7 +192,8 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directo
             to: Annotated[Optional[str], typer.Option("--to", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
             what: Annotated[Optional[str], typer.Option("--what", help="adapter, merged, or adapter,merged.")] = None,
             private: Annotated[Optional[bool], typer.Option("--private/--public", help="Hub repository visibility.")] = None,
-            force: Annotated[bool, typer.Option("--force", help="Publish again even if done.")] = False) -> None:
+            force: Annotated[bool, typer.Option("--force", help="Publish again even if done, and even when a gate (regression, "
+                                                "licence, PII) refuses.")] = False) -> None:
     """Publish a run's adapter and/or merged model with its model card."""
     overrides = []
     if to:
@@ -216,7 +217,7 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     m = run.manifest()
     # Paths in a resolved recipe are absolute already; the recipe's own folder is the fallback for relative ones.
     ctx = Context(recipe, Path(run.recipe).resolve().parent, run, bool(m.get("smoke")), m.get("base_model", recipe.base_model.id),
-                  {stage} if force else set())
+                  {stage} if force else set(), force_gates=force and stage == "publish")
     _quiet_libraries()
     setup_logging(run)
     from .pipeline import active_stages

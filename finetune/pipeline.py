@@ -39,6 +39,7 @@ class Context:
     resume: bool = True  # continue an interrupted training stage from its newest complete checkpoint
     allow_drift: bool = False  # ... even when its recipe sections or input files changed since
     show_example: bool = False  # preflight failures print the offending sample's text (redacted otherwise)
+    force_gates: bool = False  # `finetune publish --force`: publish even when a gate says no
 
 
 class RedactSecrets(logging.Filter):
@@ -205,7 +206,9 @@ def stage_outputs(ctx: Context, stage: str) -> list[Path]:
 def _publish_target_present(ctx: Context) -> bool:
     to = ctx.recipe.publish.to
     if to and to.startswith("file://"):
-        return Path(to.removeprefix("file://")).expanduser().exists()
+        from .publish import latest_revision
+
+        return latest_revision(Path(to.removeprefix("file://")).expanduser()) is not None
     return True
 
 
@@ -264,7 +267,7 @@ def _run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any
         from .publish import publish
 
         name = f"finetune-smoke/tiny-{r.base_model.family}" if ctx.smoke else r.base_model.id
-        return publish(r, run, name, ctx.smoke)
+        return publish(r, run, name, ctx.smoke, ctx.force_gates)
     raise ValueError(stage)
 
 
@@ -306,7 +309,10 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
         except BaseException as e:
             from .preempt import Preempted
 
-            status = "preempted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
+            from .errors import PublishRefused
+
+            status = ("preempted" if isinstance(e, (Preempted, KeyboardInterrupt)) else
+                      "refused" if isinstance(e, PublishRefused) else "failed")
             run.update_stage(stage, status=status, ended=now(), error=f"{type(e).__name__}: {e}"[:2000])
             _set_status(run, status)
             raise

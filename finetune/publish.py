@@ -1,25 +1,38 @@
-"""Stage 5, publish: the card, then the artifacts to `file://DIR` or `hf://ORG/NAME`.
+"""Stage 5, publish: gates, the card, then the artifacts to `file://DIR` or `hf://ORG/NAME`.
 
-The published folder has a Hub repository's layout: the adapter and tokenizer at the root, the merged model under
-merged/, the card as README.md, plus run.lock.json, eval_report.json and merge_check.json. A `file://` target is
-written to a staging folder and renamed into place, so a failed publish leaves the previous copy as it was.
-The Hub token comes from HF_TOKEN in the environment only.
+The published repository has a Hub repository's layout: the adapter and tokenizer at the root, the merged model
+under merged/, the card as README.md, plus run.lock.json, eval_report.json and merge_check.json.
+
+- Gates first (exit 3, nothing written anywhere): a tuned model that regresses past `publish.gate.max_regression`,
+  licences in conflict, rows the PII scan flagged and kept. `--force` overrides them. A merged model whose merge
+  check failed is never published, forced or not.
+- `file://DIR` (on-premise, air-gapped): each publish is a new numbered revision `DIR/0001/`, `DIR/0002/` ... kept
+  side by side, written to a staging folder and renamed; `DIR/refs/main` names the latest (as in the Hub's cache).
+- `hf://ORG/NAME`: one commit (`upload_folder`) with everything, retried with exponential backoff on server and
+  network errors; a failed push leaves the run's files as they were and the next `finetune publish` completes it.
+  Only rank 0 pushes. The token comes from HF_TOKEN and is never logged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from .card import write_card
-from .errors import UserError
+from .card import licence_conflicts, write_card
+from .errors import PublishRefused, StageFailed, UserError
 from .recipe import Recipe
-from .run import RunDir
+from .run import RunDir, read_json, sha256_file
 
 log = logging.getLogger("finetune")
+
+
+class PushFailed(StageFailed):
+    """The Hub kept failing after every retry; the run's files are intact and publishing can simply be rerun."""
 
 
 def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[str]:
@@ -40,30 +53,112 @@ def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[s
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 
 
-def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------------
+# Gates
+
+
+def regressions(report: dict[str, Any], max_regression: float) -> list[str]:
+    """Tasks where the tuned model is worse than the base by more than `max_regression`: an absolute drop for scores
+    where higher is better (accuracy 0.62 -> 0.58 is 0.04), a relative rise for perplexity-like metrics (10.0 -> 10.5
+    is 0.05), so one threshold reads the same on both."""
+    out = []
+    for t in report.get("tasks", []):
+        if not t.get("tuned") or not t.get("base"):
+            continue
+        base, tuned = float(t["base"]["score"]), float(t["tuned"]["score"])
+        worse = base - tuned if t.get("higher_is_better", True) else (tuned - base) / max(abs(base), 1e-12)
+        if worse > max_regression:
+            out.append(f"{t['name']}: {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g} > {max_regression})")
+    return out
+
+
+def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
+    g = recipe.publish.gate
+    out = []
+    if g.max_regression is not None:
+        out += [f"regression on {r}" for r in regressions(read_json(run.eval / "report.json", {}), g.max_regression)]
+    prov = read_json(run.data / "provenance.json", {"sources": []})
+    if g.licence_conflicts:
+        out += [f"licence: {c}" for c in licence_conflicts(recipe, prov["sources"])]
+    pii = prov.get("quality", {}).get("pii") or {}
+    if g.pii_flagged and pii.get("action") == "flag" and pii.get("rows"):
+        out.append(f"personal data: the PII scan flagged {pii['rows']} training rows and kept them as they are "
+                   "(data.quality.pii.action: flag); redact or drop them")
+    return out
+
+
+def check_gates(recipe: Recipe, run: RunDir, force: bool) -> list[str]:
+    """Refuse (exit 3) on a failed gate unless forced; a merged model that failed its check is refused always."""
+    if "merged" in recipe.publish.what:
+        check = read_json(run.merge_check, None)
+        if check is not None and not check.get("passed"):
+            raise PublishRefused(f"{run.merge_check}: the merged model failed its check against the adapter; it is never published")
+    failed = gate_failures(recipe, run)
+    if failed and not force:
+        raise PublishRefused("publish refused:\n- " + "\n- ".join(failed) + f"\nInspect, then `finetune publish {run.root} --force` to publish anyway")
+    for f in failed:
+        log.warning("publish: gate overridden by --force: %s", f)
+    return failed
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+
+
+def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, force: bool = False) -> dict[str, Any]:
+    overridden = check_gates(recipe, run, force)
     write_card(recipe, run, base_model_name, smoke)
     target = recipe.publish.to
     if target is None:
         log.info("publish: no publish.to; card written to %s", run.card / "README.md")
         return {"target": None}
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # alignment-handbook#198: every rank pushing hangs or duplicates commits
+        log.info("publish: rank %d leaves publishing to rank 0", rank)
+        return {"target": target, "skipped": f"rank {rank}"}
     what = list(recipe.publish.what)
-    if target.startswith("file://"):
-        dest = Path(target.removeprefix("file://")).expanduser()
-        staging = dest.with_name(f".{dest.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        files = assemble(recipe, run, what, staging)
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("publish: %d files to %s", len(files), dest)
-        return {"target": target, "files": files}
-    return _push_hub(recipe, run, what, target.removeprefix("hf://"))
+    out = publish_file(recipe, run, what, target) if target.startswith("file://") else push_hub(recipe, run, what, target.removeprefix("hf://"))
+    return {**out, "gates_overridden": len(overridden)}
 
 
-def _push_hub(recipe: Recipe, run: RunDir, what: list[str], repo_id: str) -> dict[str, Any]:
+def latest_revision(root: Path) -> Path | None:
+    """The revision `refs/main` names in a file:// repository, if it is there."""
+    try:
+        rev = (root / "refs" / "main").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return root / rev if rev and (root / rev).is_dir() else None
+
+
+def publish_file(recipe: Recipe, run: RunDir, what: list[str], target: str) -> dict[str, Any]:
+    root = Path(target.removeprefix("file://")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    rev = f"{max(numbers, default=0) + 1:04d}"
+    staging = root / f".{rev}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    files = assemble(recipe, run, what, staging)
+    (staging / ".revision.json").write_text(json.dumps({
+        "revision": rev, "run": recipe.name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {f: sha256_file(staging / f) for f in files}}, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, root / rev)
+    (root / "refs").mkdir(exist_ok=True)
+    tmp = root / "refs" / ".main.tmp"
+    tmp.write_text(rev + "\n", encoding="utf-8")
+    os.replace(tmp, root / "refs" / "main")
+    log.info("publish: revision %s, %d files, in %s", rev, len(files), root)
+    return {"target": target, "revision": rev, "files": files}
+
+
+def _retryable(e: Exception) -> bool:
+    """Server errors, rate limits, timeouts and dropped connections are worth another try; a 401/403/404 is not."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return isinstance(e, (OSError, TimeoutError)) or "Timeout" in type(e).__name__ or "Connect" in type(e).__name__
+
+
+def push_hub(recipe: Recipe, run: RunDir, what: list[str], repo_id: str) -> dict[str, Any]:
     from huggingface_hub import HfApi
 
     token = os.environ.get("HF_TOKEN")
@@ -72,9 +167,20 @@ def _push_hub(recipe: Recipe, run: RunDir, what: list[str], repo_id: str) -> dic
     staging = run.root / ".publish"
     shutil.rmtree(staging, ignore_errors=True)
     files = assemble(recipe, run, what, staging)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=recipe.publish.private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, commit_message=f"finetune: {recipe.name}")
+    api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    p = recipe.publish
+    for attempt in range(1, p.retries + 2):
+        try:
+            api.create_repo(repo_id, private=p.private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, commit_message=f"finetune: {recipe.name}")
+            break
+        except Exception as e:  # noqa: BLE001  (huggingface_hub raises HTTP, network and its own errors)
+            if not _retryable(e) or attempt > p.retries:
+                raise PushFailed(f"push to hf://{repo_id} failed after {attempt} attempt(s): {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}. "
+                                 f"The run's files are intact; run `finetune publish {run.root}` again to complete it") from None
+            delay = p.backoff_s * 2 ** (attempt - 1)
+            log.warning("publish: attempt %d of %d failed (%s); retrying in %.1f s", attempt, p.retries + 1, type(e).__name__, delay)
+            time.sleep(delay)
     shutil.rmtree(staging, ignore_errors=True)
-    log.info("publish: %d files to hf://%s", len(files), repo_id)
-    return {"target": f"hf://{repo_id}", "files": files, "commit": getattr(info, "oid", None)}
+    log.info("publish: %d files to hf://%s in one commit", len(files), repo_id)
+    return {"target": f"hf://{repo_id}", "files": files, "commit": getattr(info, "oid", None), "attempts": attempt}

@@ -145,6 +145,22 @@ class MergeSpec(Section):
     probes: int = Field(8, ge=1, description="Validation rows used as probe prompts.")
 
 
+class GateSpec(Section):
+    """What stops a publish (exit 3, nothing uploaded) unless `finetune publish RUN --force`."""
+
+    max_regression: float | None = Field(
+        None, ge=0, description="Refuse when a task of the eval got worse than the base by more than this: an absolute drop of the "
+        "score where higher is better (0.02 = two accuracy points), a relative rise of perplexity (0.02 = 2%). null: no check.",
+    )
+    licence_conflicts: bool = Field(
+        True, description="Refuse when `publish.license` claims more than the licences of the base model and the data allow "
+        "(a permissive licence over non-commercial data, say).",
+    )
+    pii_flagged: bool = Field(
+        True, description="Refuse when the PII scan flagged training rows and kept them unredacted (data.quality.pii.action: flag).",
+    )
+
+
 class PublishSpec(Section):
     """Where the specialist goes and what travels with it."""
 
@@ -153,6 +169,9 @@ class PublishSpec(Section):
     private: bool = Field(True, description="Create the Hub repository private.")
     license: str | None = Field(None, description="Licence of the published model; default derived from the base model's and the data's licences.")
     tags: list[str] = Field(default_factory=list, description="Extra tags for the model card.")
+    gate: GateSpec = Field(default_factory=GateSpec, description="Checks that refuse a publish.")
+    retries: int = Field(5, ge=0, description="Hub pushes retried this many times on server or network errors.")
+    backoff_s: float = Field(2.0, ge=0, description="Wait before the first retry; doubled for each next one.")
 
     @field_validator("to")
     @classmethod

@@ -58,8 +58,8 @@ def test_smoke_run_leaves_every_artifact(smoke_runs, name):
         tuned = got[f"{task['metric']} (tuned)"]
         assert tuned["value"] == pytest.approx(task["tuned"]["score"], abs=1e-4) and tuned["args"]["n"] == task["n"]
         assert got[f"{task['metric']} (base)"]["args"]["ci95"] == pytest.approx(task["base"]["ci95"], abs=1e-4)
-    hub = run / "hub"
-    assert (hub / "README.md").read_text() == card
+    hub = run / "hub" / (run / "hub/refs/main").read_text().strip()
+    assert hub.name == "0001" and (hub / "README.md").read_text() == card
     assert (hub / "adapter_model.safetensors").is_file() and (hub / "merged" / "model.safetensors").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in SFT_STAGES) and "cpt" not in manifest["stages"]
