@@ -128,6 +128,14 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
                   f"Merged into the {check['base']} base and saved as {check['saved_dtype']}. On {check['probes']} probe rows the adapter "
                   f"moved the base's logits by up to {check['adapter_vs_base_max_abs_diff']:.3g}; merged and adapter logits differ by at most "
                   f"{check['merged_vs_adapter_max_abs_diff']:.2e} in float32 (tolerance {check['atol']:.0e})."]
+        ppl = check.get("perplexity") or {}
+        if ppl:
+            lines += ["", "| probe perplexity | " + " | ".join(ppl) + " |", "|---|" + "---|" * len(ppl),
+                      "| | " + " | ".join(f"{v:.4g}" for v in ppl.values()) + " |"]
+        if check.get("merged_vs_trained_max_abs_diff") is not None:
+            lines += ["", f"Against the model as trained (4-bit base + adapter) the merged model's logits differ by up to "
+                      f"{check['merged_vs_trained_max_abs_diff']:.3g}"
+                      + (" (the 4-bit rounding the adapter was trained with)." if check["base"] == "original_16bit" else ".")]
     lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
               "## How to load", "", "```python", "from peft import AutoPeftModelForCausalLM",
               "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO\")  # the adapter; the merged model is in merged/", "```", ""]

@@ -1,9 +1,16 @@
-"""Stage 4, merge: the adapter folded into a 16-bit copy of the original base, and proven equal to it.
+"""Stage 4, merge: the adapter folded into a 16-bit base, and proven equal to it.
+
+`merge.base` says which base (the choice peers argue about, recorded in merge_check.json):
+- `original_16bit` (default; LLaMA-Factory's and unsloth's advice): the original weights W16. The adapter was trained
+  against dequant(W4), so the merged model differs from the model as trained by the quantization error;
+- `dequantized_4bit` (axolotl's default): dequant(W4) itself, the weights the adapter saw in training, saved in 16 bits.
+Either way the gap to the model as trained (4-bit base + adapter, what eval scored) is measured and recorded.
 
 Order of checks (peft's own test discipline): first show the adapter changes the base's logits (a zero-init or
 untrained adapter would make "merged == adapter" pass trivially), then compare merged and adapter logits in
-float32 on probe rows, then reload the saved files with plain transformers and compare again. Everything lands in
-RUN/merge_check.json; a merge that fails its tolerance is not kept.
+float32 on probe rows (and their perplexity), then reload the saved files with plain transformers and compare again,
+dtype included. Everything lands in RUN/merge_check.json; a merge that fails its tolerance is not kept, and publish
+never ships it.
 """
 
 from __future__ import annotations
@@ -60,6 +67,80 @@ def max_diff(a, b, mask) -> float:
     return float((a - b).abs()[keep].max())
 
 
+def probe_labels(run: RunDir, n: int):
+    """Labels of the probe rows (prompt masked, as in training), padded with -100: perplexity on the responses."""
+    import torch
+
+    rows = []
+    for name in ("val.jsonl", "train.jsonl"):
+        p = run.data / name
+        rows += [json.loads(line).get("labels") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(rows) >= n:
+            break
+    rows = [r for r in rows[:n]]
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def perplexity(logits, labels) -> float:
+    import torch
+
+    shift, target = logits[:, :-1], labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return float(torch.exp(nll / (target != -100).sum().clamp(min=1)))
+
+
+def dequantized_base(recipe: Recipe):
+    """The 4-bit base as training saw it, with every 4-bit layer replaced by a float32 nn.Linear holding dequant(W4)."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    model = load_model(recipe.base_model.id, recipe, quantized=True)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = dequantize_bnb_weight(child.weight, state=child.weight.quant_state).to(torch.float32)
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=torch.float32)
+                lin.weight.data.copy_(w)
+                if child.bias is not None:
+                    lin.bias.data.copy_(child.bias.data.float())
+                setattr(module, child_name, lin)
+    # Now a plain float32 model: drop what makes transformers treat it as a bitsandbytes one (which refuses dtype casts
+    # and would write a quantization_config into the merged model's config.json).
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What the merged weights were built on: the sha256 of a local base's weight files, or the Hub commit resolved
+    from the local cache."""
+    from pathlib import Path
+
+    from .run import sha256_file
+
+    b = recipe.base_model
+    if Path(b.id).is_dir():
+        files = sorted(Path(b.id).glob("*.safetensors"))
+        return {"id": "local", "weights_sha256": {f.name: sha256_file(f) for f in files}}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(b.id, "config.json", revision=b.revision)
+        commit = Path(cached).parent.name if isinstance(cached, str) else None
+    except Exception:  # noqa: BLE001  (the cache layout is informational only)
+        commit = None
+    return {"id": b.id, "revision": b.revision, "commit": commit}
+
+
 def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     import torch
     from peft import PeftModel
@@ -68,8 +149,18 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     m = recipe.merge
     tok = load_tokenizer(recipe.base_model.id, recipe)
     ids, mask = probe_batch(run, m.probes, tok.pad_token_id)
+    labels = probe_labels(run, m.probes)
+    # The model as trained and evaluated: 4-bit base (when the recipe quantizes) + adapter.
+    trained_logits = None
+    if recipe.quantization.bits != 16:
+        trained = PeftModel.from_pretrained(load_model(recipe.base_model.id, recipe, quantized=True), str(run.adapter))
+        trained_logits = logits(trained, ids, mask)
+        del trained
     # float32 for the comparison: merge arithmetic is exact to ~1e-6 there, so any larger gap is a real defect.
-    model = load_model(recipe.base_model.id, recipe, quantized=False, dtype=torch.float32)
+    if m.base == "dequantized_4bit":
+        model = dequantized_base(recipe)
+    else:
+        model = load_model(recipe.base_model.id, recipe, quantized=False, dtype=torch.float32)
     base_logits = logits(model, ids, mask)
     model = PeftModel.from_pretrained(model, str(run.adapter))
     adapter_logits = logits(model, ids, mask)
@@ -83,10 +174,17 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     lora_left = [n for n, _ in merged.named_parameters() if "lora_" in n]
     check: dict[str, Any] = {
         "base": m.base,
+        "base_weights": base_fingerprint(recipe),
         "probes": int(ids.shape[0]),
         "probe_tokens": int(mask.sum()),
         "adapter_vs_base_max_abs_diff": changed,
         "merged_vs_adapter_max_abs_diff": diff,
+        "perplexity": {"base": perplexity(base_logits, labels), "adapter": perplexity(adapter_logits, labels),
+                       "merged": perplexity(merged_logits, labels),
+                       **({"as_trained": perplexity(trained_logits, labels)} if trained_logits is not None else {})},
+        # The model as trained (4-bit base + adapter) vs the merged one: the quantization error for original_16bit, ~0
+        # for dequantized_4bit. Recorded, not gated: it is the price of the policy, not a defect.
+        "merged_vs_trained_max_abs_diff": max_diff(merged_logits, trained_logits, mask) if trained_logits is not None else None,
         "atol": m.atol,
         "compared_in": "float32",
         "saved_dtype": m.dtype,

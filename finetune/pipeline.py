@@ -184,7 +184,8 @@ def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, st
                  "template": r.data.template, "system_prompt": r.data.system_prompt},
                 {**_files(run, run.adapter, run.data / "val.jsonl"), **tasks})
     if stage == "merge":
-        return {"merge": r.merge.model_dump(), "base_model": base}, _files(run, run.adapter, run.data / "val.jsonl")
+        return ({"merge": r.merge.model_dump(), "base_model": base, "quantization": r.quantization.model_dump()},
+                {**_files(run, run.adapter, run.data / "val.jsonl"), **_base_inputs(ctx)})
     if stage == "publish":
         return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
                 _files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json"))

@@ -135,9 +135,11 @@ class MergeSpec(Section):
     """Merging the adapter into a 16-bit copy of the base, verified against the adapter."""
 
     enabled: bool = Field(True, description="Produce RUN/merged/ (needed to publish the merged model).")
-    base: Literal["original_16bit"] = Field(
+    base: Literal["original_16bit", "dequantized_4bit"] = Field(
         "original_16bit",
-        description="Merge into the original 16-bit weights (not the 4-bit ones seen in training; the gap is measured and recorded).",
+        description="`original_16bit`: merge into the original weights (LLaMA-Factory's and unsloth's advice); the adapter was "
+        "trained against their 4-bit rounding, and that gap is measured and recorded. `dequantized_4bit`: merge into the "
+        "dequantized 4-bit weights the adapter saw in training (axolotl's default), saved in `dtype`.",
     )
     dtype: Dtype = Field("bfloat16", description="dtype of the saved merged model.")
     verify: bool = Field(True, description="Compare merged and adapter logits on probe prompts; fail when they differ by more than `atol`.")
@@ -266,6 +268,8 @@ class Recipe(Section):
                     "(set `lora:` or use quantization.bits: 16)"
                 )
             raise ValueError("lora: null asks for full fine-tuning, which finetune does not offer; set `lora:` (QLoRA/LoRA)")
+        if self.merge.base == "dequantized_4bit" and self.quantization.bits != 4:
+            raise ValueError("merge.base dequantized_4bit needs quantization.bits: 4 (there are no 4-bit weights to dequantize)")
         if "merged" in self.publish.what and not self.merge.enabled:
             raise ValueError("publish.what includes `merged` but merge.enabled is false")
         if self.data.template == "alpaca" and any(s.format == "messages" or s.adapter == "sharegpt" for s in self.data.sources):
