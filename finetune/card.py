@@ -155,3 +155,34 @@ def front_matter(card_text: str) -> dict[str, Any]:
         return {}
     return yaml.safe_load(card_text.split("---\n", 2)[1]) or {}
 
+
+
+def combination_card(folder: Path, check: dict[str, Any]) -> str:
+    """The card of an adapter combination (`finetune merge --adapters ...`): what went in, with which weights, and how
+    it scores when `finetune eval` was run into FOLDER/eval."""
+    report = read_json(folder / "eval" / "report.json", {"tasks": []})
+    base = check["base"]
+    shown_base = Path(base).name if Path(base).is_absolute() or Path(base).exists() else base  # no local paths in a card
+    front: dict[str, Any] = {"base_model": shown_base, "library_name": "peft", "license": "other",
+                             "tags": ["finetune", "lora", "merge", check["method"]]}
+    index = model_index(folder.resolve().name, report)
+    if index:
+        front["model-index"] = index
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {folder.resolve().name}", "",
+             f"{len(check['inputs'])} LoRA adapters of `{shown_base}` combined with peft's `{check['method']}`"
+             + (f" (density {check['density']}, seed {check['seed']})" if check.get("density") is not None else "") + ".", "",
+             "> The licence is that of the base model and of every input's training data: check each before use.", "",
+             "| input | r | lora_alpha | weight | sha256 |", "|---|---|---|---|---|"]
+    for inp, w in zip(check["inputs"], check["weights"]):
+        lines.append(f"| {inp['adapter']} | {inp['r']} | {inp['lora_alpha']} | {w} | `{inp['sha256'][:12]}` |")
+    lines += ["", f"Combined rank {check['combined_r']}; on {check['probes']} probe prompts it moves the base's logits by up to "
+              f"{check['combined_vs_base_max_abs_diff']:.3g}."]
+    if check.get("merged_vs_adapter_max_abs_diff") is not None:
+        lines.append(f"Folded into the base (merged/): logits within {check['merged_vs_adapter_max_abs_diff']:.2e} of the adapter "
+                     f"(tolerance {check['atol']:.0e}).")
+    lines += ["", "## Evaluation (base vs combined)", "", report_markdown(report) if report["tasks"] else "Not evaluated: run "
+              "`finetune eval BASE --adapter FOLDER/adapter --tasks TASKS.yaml --out FOLDER/eval` before publishing.", "",
+              "## Intended use", "", "Check outputs before relying on them; the inputs' own cards state their domains and limits.", "",
+              "## How to load", "", "```python", "from peft import AutoPeftModelForCausalLM",
+              "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO\")", "```", ""]
+    return "\n".join(lines)

@@ -124,7 +124,41 @@ def _stage_command(stage: str, doc: str):
 
 _stage_command("prepare", "Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md.")
 _stage_command("train", "Train the adapter (runs prepare first if it is not done).")
-_stage_command("merge", "Merge the adapter into a 16-bit base and verify it (runs earlier stages if needed).")
+
+
+@app.command()
+@_guard
+def merge(recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
+          smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+          base: Annotated[Optional[str], typer.Option("--base", help="Without a recipe: the base model the adapters were trained on.")] = None,
+          adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="Adapter folders to combine (repeat, or comma-separated).")] = None,
+          method: Annotated[str, typer.Option("--method", help="linear, ties, dare_ties, dare_linear or cat.")] = "linear",
+          weights: Annotated[Optional[str], typer.Option("--weights", help="One weight per adapter, comma-separated (default: equal, summing to 1).")] = None,
+          density: Annotated[float, typer.Option("--density", help="ties/dare: share of each adapter's weights kept.")] = 0.5,
+          seed: Annotated[int, typer.Option("--seed", help="dare: seed of the random drop.")] = 0,
+          fold: Annotated[bool, typer.Option("--fold", help="Also fold the combination into the base: OUT/merged/, verified.")] = False,
+          out: Annotated[Optional[Path], typer.Option("--out", help="Output folder of a combination.")] = None) -> None:
+    """Merge a run's adapter into its 16-bit base and verify it, or combine several adapters (--base, --adapters, --out)."""
+    if adapters or base:
+        if recipe is not None:
+            raise UserError("give either a RECIPE (merge its run) or --base/--adapters/--out (combine adapters), not both")
+        if not (base and adapters and out):
+            raise UserError("combining adapters needs --base MODEL, --adapters A --adapters B ... and --out DIR")
+        paths = [Path(a) for item in adapters for a in item.split(",") if a]
+        try:
+            ws = [float(w) for w in weights.split(",")] if weights else None
+        except ValueError:
+            raise UserError(f"--weights {weights!r}: numbers separated by commas, e.g. 0.6,0.4") from None
+        from .combine import combine
+
+        _quiet_libraries()
+        combine(base, paths, method, ws, density, out, seed, fold)
+        typer.echo(str(out))
+        return
+    if recipe is None:
+        raise UserError("finetune merge: give a RECIPE, or --base/--adapters/--out to combine adapters")
+    _run(recipe, STAGES[: STAGES.index("merge") + 1], smoke, set_, run_dir, force)
+
 
 
 _stage_command("cpt", "Continued pretraining on the recipe's raw text (when its stages are [cpt, sft]; runs prepare first).")
@@ -195,6 +229,14 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directo
             force: Annotated[bool, typer.Option("--force", help="Publish again even if done, and even when a gate (regression, "
                                                 "licence, PII) refuses.")] = False) -> None:
     """Publish a run's adapter and/or merged model with its model card."""
+    if not (run_dir / "recipe.yaml").exists() and (run_dir / "merge_check.json").exists():
+        if not to:
+            raise UserError(f"{run_dir}: an adapter combination has no recipe; say where with --to hf://ORG/NAME or file://DIR")
+        from .publish import publish_combination
+
+        out = publish_combination(run_dir, to, (what or "adapter").split(","), True if private is None else private)
+        typer.echo(str(out.get("revision") or out.get("target")))
+        return
     overrides = []
     if to:
         overrides.append(f"publish.to={to}")

@@ -117,7 +117,13 @@ def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, forc
         log.info("publish: rank %d leaves publishing to rank 0", rank)
         return {"target": target, "skipped": f"rank {rank}"}
     what = list(recipe.publish.what)
-    out = publish_file(recipe, run, what, target) if target.startswith("file://") else push_hub(recipe, run, what, target.removeprefix("hf://"))
+
+    def lay_out(dest: Path) -> list[str]:
+        return assemble(recipe, run, what, dest)
+
+    p = recipe.publish
+    out = (publish_file(recipe.name, lay_out, target) if target.startswith("file://") else
+           push_hub(recipe.name, lay_out, target.removeprefix("hf://"), run.root, p.private, p.retries, p.backoff_s))
     return {**out, "gates_overridden": len(overridden)}
 
 
@@ -130,16 +136,17 @@ def latest_revision(root: Path) -> Path | None:
     return root / rev if rev and (root / rev).is_dir() else None
 
 
-def publish_file(recipe: Recipe, run: RunDir, what: list[str], target: str) -> dict[str, Any]:
+def publish_file(name: str, lay_out, target: str) -> dict[str, Any]:
+    """A new numbered revision of the file:// repository; `lay_out(folder)` writes the files and lists them."""
     root = Path(target.removeprefix("file://")).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
     rev = f"{max(numbers, default=0) + 1:04d}"
     staging = root / f".{rev}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    files = assemble(recipe, run, what, staging)
+    files = lay_out(staging)
     (staging / ".revision.json").write_text(json.dumps({
-        "revision": rev, "run": recipe.name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "revision": rev, "run": name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {f: sha256_file(staging / f) for f in files}}, indent=2) + "\n", encoding="utf-8")
     os.replace(staging, root / rev)
     (root / "refs").mkdir(exist_ok=True)
@@ -158,29 +165,63 @@ def _retryable(e: Exception) -> bool:
     return isinstance(e, (OSError, TimeoutError)) or "Timeout" in type(e).__name__ or "Connect" in type(e).__name__
 
 
-def push_hub(recipe: Recipe, run: RunDir, what: list[str], repo_id: str) -> dict[str, Any]:
+def push_hub(name: str, lay_out, repo_id: str, local: Path, private: bool, retries: int, backoff_s: float) -> dict[str, Any]:
+    """One commit of what `lay_out(folder)` writes, staged under `local` (the run directory)."""
     from huggingface_hub import HfApi
 
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise UserError("publish.to is hf://...: set HF_TOKEN in the environment (tokens are never read from recipes)")
-    staging = run.root / ".publish"
+    staging = local / ".publish"
     shutil.rmtree(staging, ignore_errors=True)
-    files = assemble(recipe, run, what, staging)
+    files = lay_out(staging)
     api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
-    p = recipe.publish
-    for attempt in range(1, p.retries + 2):
+    for attempt in range(1, retries + 2):
         try:
-            api.create_repo(repo_id, private=p.private, exist_ok=True)
-            info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, commit_message=f"finetune: {recipe.name}")
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(staging), repo_id=repo_id, commit_message=f"finetune: {name}")
             break
         except Exception as e:  # noqa: BLE001  (huggingface_hub raises HTTP, network and its own errors)
-            if not _retryable(e) or attempt > p.retries:
+            if not _retryable(e) or attempt > retries:
                 raise PushFailed(f"push to hf://{repo_id} failed after {attempt} attempt(s): {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}. "
-                                 f"The run's files are intact; run `finetune publish {run.root}` again to complete it") from None
-            delay = p.backoff_s * 2 ** (attempt - 1)
-            log.warning("publish: attempt %d of %d failed (%s); retrying in %.1f s", attempt, p.retries + 1, type(e).__name__, delay)
+                                 f"The run's files are intact; run `finetune publish {local}` again to complete it") from None
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("publish: attempt %d of %d failed (%s); retrying in %.1f s", attempt, retries + 1, type(e).__name__, delay)
             time.sleep(delay)
     shutil.rmtree(staging, ignore_errors=True)
     log.info("publish: %d files to hf://%s in one commit", len(files), repo_id)
     return {"target": f"hf://{repo_id}", "files": files, "commit": getattr(info, "oid", None), "attempts": attempt}
+
+
+def publish_combination(folder: Path, to: str, what: list[str], private: bool, retries: int = 5, backoff_s: float = 2.0) -> dict[str, Any]:
+    """Publish the output of `finetune merge --adapters ...` (adapter/, merge_check.json, merged/ with --fold, and an
+    eval/report.json if it was evaluated there) with a card of its own."""
+    from .card import combination_card
+
+    check = read_json(folder / "merge_check.json", {})
+    if check.get("kind") != "adapter_combination":
+        raise UserError(f"{folder}: neither a run directory (recipe.yaml) nor the output of `finetune merge --adapters`")
+    if "merged" in what and not (folder / "merged").is_dir():
+        raise UserError(f"{folder}: no merged/ (combine with --fold to publish a merged model)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"target": to, "skipped": "not rank 0"}
+    card = combination_card(folder, check)
+
+    def lay_out(dest: Path) -> list[str]:
+        dest.mkdir(parents=True, exist_ok=True)
+        if "adapter" in what:
+            for f in (folder / "adapter").iterdir():
+                if f.is_file():
+                    shutil.copy2(f, dest / f.name)
+        if "merged" in what:
+            shutil.copytree(folder / "merged", dest / "merged")
+        shutil.copy2(folder / "merge_check.json", dest / "merge_check.json")
+        if (folder / "eval" / "report.json").exists():
+            shutil.copy2(folder / "eval" / "report.json", dest / "eval_report.json")
+        (dest / "README.md").write_text(card, encoding="utf-8")
+        return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+    name = folder.resolve().name
+    if to.startswith("file://"):
+        return publish_file(name, lay_out, to)
+    return push_hub(name, lay_out, to.removeprefix("hf://"), folder, private, retries, backoff_s)

@@ -70,3 +70,122 @@ def test_dequantized_policy_needs_a_4bit_recipe():
 
     with pytest.raises(UserError, match="dequantized_4bit needs quantization.bits: 4"):
         load_recipe(RECIPES / "legal.yaml", ["merge.base=dequantized_4bit", "quantization.bits=16"])
+
+
+# ---- combining adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(smoke_runs, tmp_path_factory):
+    """Three adapters of the legal smoke run's base: two of rank 8 trained with other seeds, one of rank 4."""
+    legal = smoke_runs["legal"][0]
+    out = {}
+    for name, sets in (("x", ["training.seed=1"]), ("y", ["training.seed=2", "training.learning_rate=5e-3"]), ("z", ["lora.r=4", "lora.lora_alpha=8"])):
+        d = tmp_path_factory.mktemp(f"adapter-{name}") / "run"
+        shutil.copytree(legal, d, ignore=shutil.ignore_patterns("hub", "merged", "checkpoints"))
+        ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["training.max_steps=6", "lora.r=8", "lora.lora_alpha=16", *sets], True, str(d), [])
+        start(ctx, resolved)
+        run_stages(ctx, ("prepare", "train"))
+        out[name] = d / "adapter"
+    out["base"] = str((legal / "base").resolve())
+    return out
+
+
+def ab(adapter_dir, module=MODULE):
+    w = load_file(adapter_dir / "adapter_model.safetensors")
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return (w[f"base_model.model.{module}.lora_A.weight"].float(), w[f"base_model.model.{module}.lora_B.weight"].float(),
+            cfg["lora_alpha"] / cfg["r"])
+
+
+def ties_reference(tensors, weights, density):
+    """TIES as peft documents it, written out: keep each tensor's top `density` share by magnitude, elect the sign of
+    the sum of the trimmed tensors, average the weighted entries that agree with it."""
+    trimmed = []
+    for t in tensors:
+        k = int(density * t.numel())
+        keep = torch.zeros(t.numel(), dtype=torch.bool)
+        keep[t.abs().reshape(-1).topk(k).indices] = True
+        trimmed.append(t * keep.reshape(t.shape))
+    stack = torch.stack(trimmed)
+    elected = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = stack.sign() == elected
+    weighted = stack * torch.tensor(weights).reshape(-1, *([1] * t.dim()))
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "ties"])
+def test_combined_adapter_matches_the_formula(adapters, tmp_path, method):
+    from finetune.combine import combine
+
+    w = [0.7, 0.3]
+    check = combine(adapters["base"], [adapters["x"], adapters["y"]], method, w, 0.5, tmp_path / "out")
+    (ax, bx, sx), (ay, by, sy) = ab(adapters["x"]), ab(adapters["y"])
+    ac, bc, sc = ab(tmp_path / "out/adapter")
+    got = sc * bc @ ac
+    if method == "cat":  # the ranks add up and the deltas add exactly: sum_i w_i s_i B_i A_i
+        want = w[0] * sx * bx @ ax + w[1] * sy * by @ ay
+        assert check["combined_r"] == 16
+    else:  # peft combines A and B separately, with sqrt(w_i s_i) on each side
+        va = [(wi * si) ** 0.5 for wi, si in zip(w, (sx, sy))]
+        if method == "linear":
+            want_a, want_b = va[0] * ax + va[1] * ay, va[0] * bx + va[1] * by
+        else:
+            want_a, want_b = ties_reference([ax, ay], va, 0.5), ties_reference([bx, by], va, 0.5)
+        assert torch.allclose(ac, want_a, atol=1e-6) and torch.allclose(bc, want_b, atol=1e-6)
+        want = sc * want_b @ want_a
+        assert check["combined_r"] == 8
+    assert (want - sx * bx @ ax).abs().max() > 1e-4  # not just one of the inputs: the check can fail
+    assert torch.allclose(got, want, atol=1e-6)
+    assert check["combined_vs_base_max_abs_diff"] > 1e-6 and check["inputs"][0]["sha256"]
+
+
+def test_incompatible_adapters_are_refused_with_one_message(adapters, tmp_path):
+    from finetune.combine import combine
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match=r"--method ties needs adapters of equal rank, got r = 8, 4"):
+        combine(adapters["base"], [adapters["x"], adapters["z"]], "ties", None, 0.5, tmp_path / "o")
+    check = combine(adapters["base"], [adapters["x"], adapters["z"]], "cat", None, 0.5, tmp_path / "o")
+    assert check["combined_r"] == 12  # cat accepts mixed ranks
+    other = tmp_path / "other"
+    shutil.copytree(adapters["y"], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "mistralai/Mistral-7B-v0.1"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"trained on 'mistralai/Mistral-7B-v0.1', not on --base"):
+        combine(adapters["base"], [adapters["x"], other], "linear", None, 0.5, tmp_path / "o")
+    with pytest.raises(UserError, match="2 weights for 3 adapters"):
+        combine(adapters["base"], [adapters["x"], adapters["y"], adapters["x"]], "linear", [0.5, 0.5], 0.5, tmp_path / "o")
+
+
+def test_combination_folds_evaluates_and_publishes_from_the_command_line(adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune.card import front_matter
+    from finetune.cli import app
+
+    out = tmp_path / "combo"
+    runner = CliRunner()
+    r = runner.invoke(app, ["merge", "--base", adapters["base"], "--adapters", f"{adapters['x']},{adapters['y']}",
+                            "--method", "dare_linear", "--density", "0.7", "--weights", "0.5,0.5", "--fold", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["passed"] and check["merged_vs_adapter_max_abs_diff"] < 1e-4 and check["density"] == 0.7
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"tasks:\n  - {{name: hearsay, type: classification, path: {RECIPES / 'samples/legal_hearsay.jsonl'}, "
+                     "prompt: \"Q: {{text}} Is there hearsay?\\nA:\", labels: [\"Yes\", \"No\"]}\n")
+    r = runner.invoke(app, ["eval", adapters["base"], "--adapter", str(out / "adapter"), "--tasks", str(tasks), "--out", str(out / "eval")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "eval/report.json").read_text())
+    assert report["tasks"][0]["tuned"] is not None
+    r = runner.invoke(app, ["publish", str(out), "--to", f"file://{tmp_path / 'pub'}", "--what", "adapter,merged"])
+    assert r.exit_code == 0, r.output
+    rev = tmp_path / "pub/0001"
+    card = (rev / "README.md").read_text()
+    front = front_matter(card)
+    assert front["base_model"] == "base" and front["library_name"] == "peft" and "dare_linear" in front["tags"]
+    assert front["model-index"][0]["results"][0]["task"]["name"] == "hearsay"
+    assert str(tmp_path) not in card and "/tmp/" not in card
+    assert (rev / "adapter_model.safetensors").read_bytes() == (out / "adapter/adapter_model.safetensors").read_bytes()
+    assert (rev / "merged/model.safetensors").is_file() and (rev / "eval_report.json").is_file()
