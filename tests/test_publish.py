@@ -34,7 +34,8 @@ def fresh(legal, tmp_path):
 
 
 def recipe_of(run: RunDir, *sets):
-    return load_recipe(run.recipe, list(sets))[0]
+    """The run's recipe, publishing into the copy (the resolved recipe names the original run's hub folder)."""
+    return load_recipe(run.recipe, [f"publish.to=file://{run.root / 'hub'}", *sets])[0]
 
 
 def local_files(run: RunDir) -> dict[str, bytes]:
