@@ -20,7 +20,8 @@ from pathlib import Path
 
 MARKER = "COMPLETE"
 # What HF's Trainer needs to resume exactly: adapter weights, optimizer, scheduler, RNG state and trainer state.
-REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# ... and the RNG state: rng_state.pth from one process, rng_state_<rank>.pth from each of several.
 # `training_args.bin` is a pickle of the TrainingArguments that resume never reads: not kept (safetensors/JSON only
 # for weights and configuration; the optimizer, scheduler and RNG files are read with weights_only=True).
 DROP = ("training_args.bin",)
@@ -62,6 +63,8 @@ def finalize(src: Path, ckpt_dir: Path, step: int, check=None) -> Path:
         if check is not None:
             check(tmp)
         missing = [n for n in REQUIRED if not (tmp / n).exists()]
+        if not (tmp / "rng_state.pth").exists() and not list(tmp.glob("rng_state_*.pth")):
+            missing.append("rng_state.pth")
         if missing:
             raise RuntimeError(f"checkpoint at step {step} lacks {', '.join(missing)}: it could not be resumed exactly")
     except BaseException:

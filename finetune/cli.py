@@ -85,38 +85,85 @@ def _quiet_libraries() -> None:
 
 
 def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force, resume=True, allow_drift=False,
-         show_example=False) -> None:
+         show_example=False, scale: dict | None = None) -> None:
+    from . import distributed
     from .pipeline import make_context, run_stages, start
     from .preempt import handling
 
     ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
                                  resume=resume, allow_drift=allow_drift, show_example=show_example)
+    scale = scale or {}
+    d = ctx.recipe.distributed
+    gpus, nodes = scale.get("gpus") or d.gpus, scale.get("nodes") or d.nodes
+    if (gpus > 1 or nodes > 1) and not distributed.active():
+        argv = [stages[-1] if stages[-1] != "publish" else "run", str(recipe), *(["--smoke"] if smoke else []),
+                *[a for o in overrides or [] for a in ("--set", o)], "--run-dir", str(ctx.run.root),
+                *[a for f in force or [] for a in ("--force", f)], *([] if resume else ["--no-resume"]),
+                *(["--allow-drift"] if allow_drift else []), *(["--show-example"] if show_example else [])]
+        _relaunch(ctx, argv, gpus, nodes, scale.get("node_rank", 0), scale.get("main_address"), d.main_port)
+        return
     _quiet_libraries()
 
     def event(stage, what):
-        colour = typer.colors.GREEN if what == "ran" else typer.colors.BLUE
-        typer.secho(f"{stage:8s} {what}", fg=colour, err=True)
+        if distributed.is_main():  # one line per stage, not one per process
+            colour = typer.colors.GREEN if what == "ran" else typer.colors.BLUE
+            typer.secho(f"{stage:8s} {what}", fg=colour, err=True)
 
     with handling():
         start(ctx, resolved)
         run_stages(ctx, stages, on_event=event)
-    typer.echo(str(ctx.run.root))
+    if not distributed.active():  # under --gpus the launching process says it, once
+        typer.echo(str(ctx.run.root))
+
+
+def _relaunch(ctx, argv: list[str], gpus: int, nodes: int, node_rank: int, main_address: str | None, port: int) -> None:
+    """Start `gpus` processes on this machine through torchrun; exit as the run ended (read from its manifest, since
+    torchrun reports any failed rank as 1)."""
+    import torch
+
+    from . import distributed
+
+    if ctx.recipe.distributed.strategy != "ddp" and not torch.cuda.is_available():
+        raise UserError(f"distributed.strategy {ctx.recipe.distributed.strategy!r} needs CUDA GPUs; on CPU use ddp (gloo)")
+    try:
+        cmd = distributed.launch_command(argv, gpus, nodes, node_rank, main_address, port)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    typer.secho(f"launching {gpus} process{'es' if gpus > 1 else ''} x {nodes} node{'s' if nodes > 1 else ''} "
+                f"({ctx.recipe.distributed.strategy}{'' if torch.cuda.is_available() else ', CPU over gloo'})", err=True)
+    rc = distributed.launch(cmd, dict(os.environ))
+    status = ctx.run.manifest().get("status")
+    if rc == 0 and status == "done":
+        typer.echo(str(ctx.run.root))
+        return
+    code = {"preempted": 143, "refused": 3}.get(status, 1 if rc else 0)
+    raise typer.Exit(code)
+
+
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", min=1, help="Processes on this machine, one per GPU (CPU processes over gloo without CUDA).")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Machines taking part (run the same command on each).")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="This machine's rank, 0 to nodes-1.")]
+MainOpt = Annotated[Optional[str], typer.Option("--main-address", help="Host of node rank 0 (multi-node).")]
 
 
 @app.command()
 @_guard
 def run(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
-        resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False) -> None:
+        resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
+        nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
     """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped.
 
     SIGTERM or Ctrl-C during training finishes the step, writes a checkpoint and exits 143; the same command continues."""
-    _run(recipe, STAGES, smoke, set_, run_dir, force, resume, allow_drift, show_example)
+    _run(recipe, STAGES, smoke, set_, run_dir, force, resume, allow_drift, show_example,
+         {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address})
 
 
 def _stage_command(stage: str, doc: str):
     def command(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
-                resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False) -> None:
-        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force, resume, allow_drift, show_example)
+                resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
+                nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
+        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force, resume, allow_drift, show_example,
+             {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address})
 
     command.__doc__ = doc
     app.command(name=stage)(_guard(command))

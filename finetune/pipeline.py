@@ -63,10 +63,14 @@ def setup_logging(run: RunDir) -> None:
         if getattr(h, "_finetune", False):
             logger.removeHandler(h)
             h.close()
-    fh = logging.FileHandler(run.logs / "run.log", encoding="utf-8")
+    from .distributed import rank
+
+    fh = logging.FileHandler(run.logs / ("run.log" if rank() == 0 else f"run.rank{rank()}.log"), encoding="utf-8")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(logging.Formatter("[finetune] %(message)s"))
+    sh.setFormatter(logging.Formatter("[finetune] %(message)s" if rank() == 0 else f"[finetune rank {rank()}] %(message)s"))
+    if rank() != 0:
+        sh.setLevel(logging.WARNING)  # the other ranks' INFO lines repeat rank 0's; they stay in logs/run.rankN.log
     for h in (fh, sh):
         h._finetune = True  # type: ignore[attr-defined]
         h.addFilter(RedactSecrets())
@@ -279,50 +283,88 @@ def _summary(result: Any) -> Any:
     return None
 
 
-def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
-    """Run `stages` (a prefix-closed selection of STAGES) with skip/rerun logic; returns stage -> 'ran'|'skipped'."""
+TRAINING = ("cpt", "train")  # the stages every rank takes part in; rank 0 alone runs the others
+
+
+def _decide(ctx: Context, stage: str, cascade: bool) -> dict[str, Any]:
+    """Rank 0's decision for a stage: skip it, or run it (resuming from which checkpoint, with which fingerprint)."""
     run = ctx.run
+    sections, inputs = stage_inputs(ctx, stage)
+    fp = fingerprint(stage, sections, inputs)
+    rec = run.stage_record(stage)
+    done = (rec is not None and rec.get("status") == "done" and rec.get("fingerprint") == fp
+            and run.outputs_intact(rec) and (stage != "publish" or _publish_target_present(ctx)))
+    if done and not cascade and stage not in ctx.force:
+        return {"skip": True}
+    parts = _parts(sections, inputs)
+    return {"skip": False, "fp": fp, "parts": parts, "resume_from": resume_point(ctx, stage, rec, fp, parts)}
+
+
+def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Run `stages` (a prefix-closed selection of STAGES) with skip/rerun logic; returns stage -> 'ran'|'skipped'.
+
+    With several processes (distributed.py) rank 0 decides and shares its decision, runs the non-training stages
+    alone and shares how they ended; every rank trains; only rank 0 writes the manifest."""
+    from . import distributed
+    from .errors import PublishRefused, StageFailed
+    from .preempt import Preempted
+
+    run = ctx.run
+    main = distributed.is_main()
     outcome: dict[str, str] = {}
     cascade = False
     for stage in stages:
         if stage not in active_stages(ctx.recipe):
             continue
-        sections, inputs = stage_inputs(ctx, stage)
-        fp = fingerprint(stage, sections, inputs)
-        rec = run.stage_record(stage)
-        done = (rec is not None and rec.get("status") == "done" and rec.get("fingerprint") == fp
-                and run.outputs_intact(rec) and (stage != "publish" or _publish_target_present(ctx)))
-        if done and not cascade and stage not in ctx.force:
+        decision, refused = None, None
+        if main:
+            try:
+                decision = _decide(ctx, stage, cascade)
+            except Exception as e:  # noqa: BLE001  (shared first, so the other ranks do not wait forever)
+                decision, refused = {"error": f"{type(e).__name__}: {e}"}, e
+        decision = distributed.share(decision)
+        if decision.get("error"):
+            raise refused if refused is not None else StageFailed(f"{stage}: rank 0 stopped ({decision['error']})")
+        if decision["skip"]:
             outcome[stage] = "skipped"
             log.info("%s: done with the same inputs, skipped", stage)
             if on_event:
                 on_event(stage, "skipped")
             continue
         cascade = True
-        parts = _parts(sections, inputs)
-        resume_from = resume_point(ctx, stage, rec, fp, parts)
-        run.update_stage(stage, status="running", fingerprint=fp, parts=parts, started=now(), ended=None, error=None, outputs={},
-                         resumed_from=str(resume_from.relative_to(run.root)) if resume_from else None)
-        _set_status(run, "running")
+        resume_from = decision["resume_from"]
+        if main:
+            run.update_stage(stage, status="running", fingerprint=decision["fp"], parts=decision["parts"], started=now(), ended=None,
+                             error=None, outputs={}, resumed_from=str(resume_from.relative_to(run.root)) if resume_from else None)
+            _set_status(run, "running")
         t0 = time.time()
+        here = main or stage in TRAINING
+        error: BaseException | None = None
+        result = None
         try:
-            result = _run_stage(ctx, stage, resume_from)
+            if here:
+                result = _run_stage(ctx, stage, resume_from)
         except BaseException as e:
-            from .preempt import Preempted
-
-            from .errors import PublishRefused
-
-            status = ("preempted" if isinstance(e, (Preempted, KeyboardInterrupt)) else
-                      "refused" if isinstance(e, PublishRefused) else "failed")
-            run.update_stage(stage, status=status, ended=now(), error=f"{type(e).__name__}: {e}"[:2000])
-            _set_status(run, status)
-            raise
-        run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),
-                         outputs=run.describe_outputs([p for p in stage_outputs(ctx, stage) if p.exists()]), result=_summary(result))
+            error = e
+        if stage not in TRAINING:  # the ranks that waited learn how rank 0's stage ended
+            ended = distributed.share(None if error is None else type(error).__name__)
+            if error is None and ended is not None:
+                error = Preempted(f"{stage}: stopped on rank 0") if ended == "Preempted" else StageFailed(f"{stage} failed on rank 0 ({ended})")
+        if error is not None:
+            status = ("preempted" if isinstance(error, (Preempted, KeyboardInterrupt)) else
+                      "refused" if isinstance(error, PublishRefused) else "failed")
+            if main:
+                run.update_stage(stage, status=status, ended=now(), error=f"{type(error).__name__}: {error}"[:2000])
+                _set_status(run, status)
+            raise error
+        if main:
+            run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),
+                             outputs=run.describe_outputs([p for p in stage_outputs(ctx, stage) if p.exists()]), result=_summary(result))
         outcome[stage] = "ran"
         if on_event:
             on_event(stage, "ran")
-    _set_status(run, "done")
+    if main:
+        _set_status(run, "done")
     return outcome
 
 
@@ -359,9 +401,16 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
 
 
 def start(ctx: Context, resolved: dict[str, Any]) -> None:
-    """First writes into the run directory: logging, the resolved recipe (redacted), the smoke stand-in."""
+    """First writes into the run directory: logging, the resolved recipe (redacted), the smoke stand-in. With several
+    processes rank 0 writes and the others wait for it."""
+    from . import distributed
+
+    distributed.init()
     ctx.run.root.mkdir(parents=True, exist_ok=True)
     setup_logging(ctx.run)
+    if not distributed.is_main():
+        distributed.barrier()
+        return
     header = f"# Resolved recipe{' (--smoke)' if ctx.smoke else ''}, written by finetune {_versions().get('finetune', '')}; secrets redacted.\n"
     write_recipe(ctx.run, redact(resolved), header)
     m = ctx.run.manifest()
@@ -371,3 +420,4 @@ def start(ctx: Context, resolved: dict[str, Any]) -> None:
         from .smoke import build_base
 
         build_base(ctx.raw, ctx.recipe_dir, ctx.run, ctx.recipe.base_model.family)
+    distributed.barrier()

@@ -195,6 +195,19 @@ class TrackingSpec(Section):
     project: str = Field("finetune", description="Tracker project name.")
 
 
+class DistributedSpec(Section):
+    """Training on several GPUs or machines; `finetune run --gpus N` (and --nodes ...) override the counts here."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="`ddp`: a full 4-bit copy of the base per GPU (QLoRA's default; fits when the 4-bit base fits one GPU). "
+        "`fsdp`: the base sharded across GPUs (FSDP-QLoRA: 4-bit weights stored in the compute dtype so FSDP can shard them). "
+        "`deepspeed`: ZeRO-3 sharding. fsdp and deepspeed need CUDA GPUs.",
+    )
+    gpus: int = Field(1, ge=1, description="Processes (GPUs) per machine. Without CUDA, that many CPU processes over gloo (for testing).")
+    nodes: int = Field(1, ge=1, description="Machines.")
+    main_port: int = Field(29500, ge=1, le=65535, description="Port of the rendezvous on node rank 0 (multi-node runs).")
+
+
 class SamplesSpec(Section):
     """Small data written for this recipe, used by `--smoke` in place of the real sources and eval sets."""
 
@@ -252,6 +265,7 @@ class Recipe(Section):
     merge: MergeSpec = Field(default_factory=MergeSpec, description="Verified merge into a 16-bit base.")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Publishing.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Several GPUs or machines (see finetune/distributed.py).")
     samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke`.")
     stages: list[Literal["cpt", "sft"]] = Field(
         ["sft"], description="Training stages in order: `[sft]`, or `[cpt, sft]` to continue pretraining on raw domain text first; the "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, preempt, tracking
+from . import checkpoints, distributed, preempt, tracking
 from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
@@ -77,7 +77,8 @@ def _callbacks(run: RunDir, recipe: Recipe, ckpt_dir: Path, metrics: Path, guard
         """A SIGTERM/SIGINT during the loop: save a checkpoint at the end of this step and stop (preempt.py)."""
 
         def _check(self, control):
-            if preempt.requested():
+            # Agreed across ranks: a SIGTERM to any one of them stops all of them at the same step.
+            if distributed.any_rank(preempt.requested() is not None):
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -92,12 +93,12 @@ def _callbacks(run: RunDir, recipe: Recipe, ckpt_dir: Path, metrics: Path, guard
         """Move checkpoint-N to RUN/checkpoints/step-NNNNNN atomically (checkpoints.py), refusing non-finite weights."""
 
         def on_save(self, args, state, control, **kw):
-            if not state.is_world_process_zero:
-                return
+            distributed.barrier()  # every rank has written its part (its RNG state) before rank 0 seals the folder
             src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if src.exists():
+            if state.is_world_process_zero and src.exists():
                 checkpoints.finalize(src, ckpt_dir, state.global_step, check=_finite_weights)
-                checkpoints.rotate(ckpt_dir, recipe.training.save_total_limit)
+                checkpoints.rotate(ckpt_dir, recipe.training.save_total_limit)  # single writer (transformers#20988)
+            distributed.barrier()
 
     return [Metrics(), Guard(), Preemption(), Checkpoints()]
 
@@ -210,6 +211,7 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
         dataloader_num_workers=0,
         disable_tqdm=True,
         save_only_model=False,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used; the search costs a pass per step
     )
 
 
@@ -277,16 +279,19 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     run.logs.mkdir(parents=True, exist_ok=True)
     metrics = run.metrics if stage == "sft" else run.logs / f"metrics-{stage}.jsonl"
     ckpts = run.checkpoints if stage == "sft" else run.root / f"checkpoints-{stage}"
-    if resume_from is not None:
-        checkpoints.sweep(ckpts)  # leftovers of the interrupted write; complete checkpoints stay
-        _keep_metrics_until(metrics, checkpoints.step_of(resume_from))
-        log.info("%s: resuming from %s", stage, resume_from)
-    else:
-        metrics.unlink(missing_ok=True)
-        shutil.rmtree(ckpts, ignore_errors=True)
-    ckpts.mkdir(parents=True, exist_ok=True)
     work = run.root / f".trainer-{stage}"
-    shutil.rmtree(work, ignore_errors=True)
+    main = distributed.is_main()
+    if main:
+        if resume_from is not None:
+            checkpoints.sweep(ckpts)  # leftovers of the interrupted write; complete checkpoints stay
+            _keep_metrics_until(metrics, checkpoints.step_of(resume_from))
+            log.info("%s: resuming from %s", stage, resume_from)
+        else:
+            metrics.unlink(missing_ok=True)
+            shutil.rmtree(ckpts, ignore_errors=True)
+        ckpts.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     guard = {"skipped_steps": 0, "masked_batches": 0, "streak": 0}
     trainer = _trainer_class()(
         model=model,
@@ -304,7 +309,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
 
     trainer.remove_callback(PrinterCallback)  # metrics go to logs/metrics.jsonl, not raw dicts on stdout
     checks = None
-    if stage == "sft" and recipe.training.preflight_samples:
+    if stage == "sft" and recipe.training.preflight_samples and main:
         from .preflight import preflight
 
         checks = preflight(tok, rows, recipe.data.template, recipe.data.system_prompt, recipe.data.max_length, show_example,
@@ -319,13 +324,18 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     finally:
         tracking.finish(report_to, ok and not preempt.requested())
     wall = time.time() - t0
-    if preempt.requested():
+    if distributed.any_rank(preempt.requested() is not None):  # a signal, to this rank or another
         last = checkpoints.latest(ckpts)
-        shutil.rmtree(work, ignore_errors=True)
-        raise preempt.Preempted(f"{stage}: stopped by {preempt.requested()} after step {trainer.state.global_step}; "
+        distributed.barrier()
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+        raise preempt.Preempted(f"{stage}: stopped by {preempt.requested() or 'a signal to another rank'} after step {trainer.state.global_step}; "
                                 f"complete checkpoint {last}. Continue with the same `finetune run` command")
     if trainer.state.global_step != trainer.state.max_steps:  # verl#7401: a resume that skipped an epoch and exited 0
         raise StageFailed(f"{stage}: ran {trainer.state.global_step} optimizer steps of {trainer.state.max_steps} planned")
+    if not main:  # rank 0 writes the adapter; the others are done
+        distributed.barrier()
+        return {"global_step": trainer.state.global_step, "rank": distributed.rank()}
     with run.staged("adapter" if stage == "sft" else stage) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -339,6 +349,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
             "total_params": total,
             "quantization": qreport.as_dict() if qreport else {"bits": 16},
             "device": device(),
+            "processes": distributed.world_size(),
             "stage": stage,
             "resumed_from_step": checkpoints.step_of(resume_from) if resume_from else None,
             "skipped_nonfinite_steps": guard["skipped_steps"],
@@ -348,5 +359,6 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         }
         write_json(tmp / "training_summary.json", summary)
     shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     log.info("%s: %d steps in %.1f s, loss %.4f", stage, summary["global_step"], wall, summary["train_loss"])
     return summary

@@ -5,6 +5,7 @@
     python -m tests.interrupt --in-stage eval --signal TERM -- run ...
 
 `--in-stage S`: sent as stage S starts (data preparation, evaluation: stages without an optimizer loop).
+`--only-rank R`: with --gpus, only rank R signals itself (the others run as they would).
 `--at-step N`: the signal is sent with os.kill as optimizer step N begins, so it arrives mid-step, as a scheduler's
 would. `--in-checkpoint-write`: sent while checkpoint N is being written (after the Trainer wrote it, before its
 COMPLETE marker), the worst moment for a SIGKILL. Nothing else in the command changes.
@@ -20,21 +21,41 @@ import sys
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] == ["@env"]:  # a rank started by torchrun: the options come from the launching process
+        argv = os.environ["FINETUNE_TEST_INTERRUPT"].split() + ["--"] + argv[1:]
     cut = argv.index("--")
     p = argparse.ArgumentParser()
     p.add_argument("--at-step", type=int)
     p.add_argument("--in-stage", help="send the signal as this pipeline stage starts (prepare, eval ...)")
     p.add_argument("--signal", default="TERM")
     p.add_argument("--in-checkpoint-write", action="store_true")
+    p.add_argument("--only-rank", type=int, help="with --gpus: only this rank signals itself")
     opts = p.parse_args(argv[:cut])
     sig = getattr(signal, f"SIG{opts.signal}")
+    if opts.only_rank is not None and int(os.environ.get("RANK", "0")) != opts.only_rank and "RANK" in os.environ:
+        opts.at_step = opts.in_stage = None  # another rank: runs untouched
+
+    import finetune.distributed as distributed
+
+    launch_command = distributed.launch_command
+
+    def through_this_wrapper(*a, **kw):  # with --gpus, every rank runs under this wrapper too
+        cmd = launch_command(*a, **kw)
+        i = cmd.index("finetune.cli")
+        # torchrun's parser would take `--signal` for its `--signals-to-handle`: the options travel in the environment
+        os.environ["FINETUNE_TEST_INTERRUPT"] = " ".join(argv[:cut])
+        return cmd[:i] + ["tests.interrupt", "@env"] + cmd[i + 1:]
+
+    distributed.launch_command = through_this_wrapper
 
     from transformers import TrainerCallback
 
     import finetune.checkpoints as ck
     import finetune.train as train
 
-    if opts.in_stage:
+    if opts.at_step is None and not opts.in_stage:
+        pass
+    elif opts.in_stage:
         import time
 
         import finetune.pipeline as pipeline

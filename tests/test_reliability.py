@@ -51,7 +51,7 @@ def step_losses(run_dir):
 def fake_checkpoint(ckpt_dir, step, tmp_path):
     src = tmp_path / f"trainer/checkpoint-{step}"
     src.mkdir(parents=True)
-    for name in checkpoints.REQUIRED + ("training_args.bin",):
+    for name in checkpoints.REQUIRED + ("rng_state.pth", "training_args.bin"):
         (src / name).write_bytes(b"x" * step)
     return checkpoints.finalize(src, ckpt_dir, step)
 
