@@ -123,8 +123,14 @@ def _relaunch(ctx, argv: list[str], gpus: int, nodes: int, node_rank: int, main_
 
     from . import distributed
 
-    if ctx.recipe.distributed.strategy != "ddp" and not torch.cuda.is_available():
-        raise UserError(f"distributed.strategy {ctx.recipe.distributed.strategy!r} needs CUDA GPUs; on CPU use ddp (gloo)")
+    strategy = ctx.recipe.distributed.strategy
+    if strategy != "ddp" and not torch.cuda.is_available():
+        raise UserError(f"distributed.strategy {strategy!r} needs CUDA GPUs; on CPU use ddp (gloo)")
+    if strategy == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("distributed.strategy deepspeed: DeepSpeed is not installed (pip install deepspeed, built for your CUDA)")
     try:
         cmd = distributed.launch_command(argv, gpus, nodes, node_rank, main_address, port)
     except ValueError as e:

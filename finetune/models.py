@@ -41,6 +41,18 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def placement(recipe: Recipe) -> dict[str, Any] | None:
+    """Where the weights load: this rank's own GPU under DDP (not all on cuda:0), nowhere in particular under FSDP or
+    DeepSpeed (they place the shards), the CPU without CUDA."""
+    import os
+
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.distributed.strategy != "ddp":
+        return None
+    return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
+
+
 def compute_dtype(recipe: Recipe) -> torch.dtype:
     # CPUs compute 4-bit matmuls in float32 (bf16 autocast on CPU is slow and changes nothing we test).
     return DTYPES[recipe.quantization.compute_dtype] if device() == "cuda" else torch.float32
@@ -87,6 +99,9 @@ def bnb_config(recipe: Recipe):
             bnb_4bit_quant_type=q.type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute_dtype(recipe),
+            # FSDP/ZeRO-3 shard parameters of one dtype: the packed 4-bit weights are stored in the compute dtype
+            # (Answer.AI's FSDP+QLoRA); DDP keeps bitsandbytes' uint8 storage.
+            **({"bnb_4bit_quant_storage": compute_dtype(recipe)} if recipe.distributed.strategy != "ddp" else {}),
         )
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -105,7 +120,7 @@ def load_model(model_path: str, recipe: Recipe, quantized: bool, dtype: torch.dt
             revision=_revision(model_path, recipe),
             dtype=dtype or weights_dtype(recipe),
             quantization_config=qconf,
-            device_map={"": device()},
+            device_map=placement(recipe),
             trust_remote_code=recipe.base_model.trust_remote_code,
         )
     except OSError as e:

@@ -212,7 +212,27 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
         disable_tqdm=True,
         save_only_model=False,
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used; the search costs a pass per step
+        **strategy_args(recipe),
     )
+
+
+def strategy_args(recipe: Recipe) -> dict[str, Any]:
+    """TrainingArguments for the recipe's distributed.strategy. DDP needs nothing (torchrun's environment is enough).
+    FSDP follows the FSDP-QLoRA recipe of Answer.AI and the PEFT docs: full sharding wrapped per decoder layer, the
+    frozen 4-bit base loaded on rank 0 only and broadcast, `use_orig_params` off for the mixed frozen/trainable
+    parameters, sharded state dicts. DeepSpeed is ZeRO-3 with the 16-bit weights gathered on save."""
+    s = recipe.distributed.strategy
+    if s == "fsdp":
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {
+            "cpu_ram_efficient_loading": True, "use_orig_params": False, "sync_module_states": True,
+            "state_dict_type": "SHARDED_STATE_DICT", "backward_prefetch": "backward_pre", "activation_checkpointing": False}}
+    if s == "deepspeed":
+        return {"deepspeed": {
+            "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                  "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "gradient_clipping": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}}
+    return {}
 
 
 def embedding_modules(model) -> list[str]:

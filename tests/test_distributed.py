@@ -96,3 +96,43 @@ def test_sigterm_to_one_rank_ends_in_one_complete_resumable_checkpoint(tmp_path)
     summary = json.loads((run / "adapter/training_summary.json").read_text())
     assert summary["resumed_from_step"] == 4 and summary["global_step"] == 8
     assert [s for s, _ in losses(run)] == list(range(1, 9))
+
+
+def test_rank_1_never_prepared_the_data(pair):
+    _, two, _ = pair
+    rank0, rank1 = (two / "logs/run.log").read_text(), (two / "logs/run.rank1.log").read_text()
+    assert "prepare: 26 train" in rank0 and "prepare:" not in rank1 and "sft: LoRA" in rank1
+
+
+def test_launch_command_and_strategies():
+    from finetune.distributed import launch_command
+    from finetune.models import bnb_config
+    from finetune.recipe import load_recipe
+    from finetune.train import strategy_args
+
+    one = launch_command(["train", "r.yaml"], 4, 1, 0, None, 29500)
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "-m", "finetune.cli", "train", "r.yaml"]
+    two = launch_command(["run", "r.yaml"], 8, 2, 1, "10.0.0.1", 29600)
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29600"} <= set(two) and "--standalone" not in two
+    with pytest.raises(ValueError, match="--main-address"):
+        launch_command(["run", "r.yaml"], 8, 2, 1, None, 29500)
+    r, _ = load_recipe(RECIPES / "medical.yaml", ["distributed.strategy=fsdp"])
+    assert strategy_args(r)["fsdp"] == "full_shard auto_wrap" and not strategy_args(r)["fsdp_config"]["use_orig_params"]
+    assert bnb_config(r).bnb_4bit_quant_storage == bnb_config(r).bnb_4bit_compute_dtype  # FSDP shards one dtype
+    r, _ = load_recipe(RECIPES / "medical.yaml", ["distributed.strategy=deepspeed"])
+    assert strategy_args(r)["deepspeed"]["zero_optimization"]["stage"] == 3
+    r, _ = load_recipe(RECIPES / "medical.yaml")
+    assert strategy_args(r) == {} and str(bnb_config(r).bnb_4bit_quant_storage) == "torch.uint8"
+
+
+def test_sharded_strategies_need_cuda(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = CliRunner().invoke(app, ["run", str(RECIPES / "legal.yaml"), "--smoke", "--run-dir", str(tmp_path / "r"), "--gpus", "2",
+                                   "--set", "distributed.strategy=fsdp"])
+    assert out.exit_code == 2 and "distributed.strategy 'fsdp' needs CUDA GPUs" in out.output
