@@ -154,6 +154,121 @@ def child(args) -> dict:
     return out
 
 
+def _load_nf4(args):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map={"": "cuda:0" if gpu else "cpu"}, attn_implementation="sdpa",
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    if not gpu:
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    return model, gpu, dtype
+
+
+def longest_context(args) -> dict:
+    """Binary search for the longest row that trains at batch 1 (forward, backward, optimizer step) within the GPU's
+    memory, or within --budget-gb of peak memory where given (how the search is exercised on CPU)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model, gpu, dtype = _load_nf4(args)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ours = args.config == "ours"
+    vocab = SHAPES[args.shape]["vocab_size"]
+
+    def fits(n: int) -> bool:
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(10, vocab, (1, n), device=model.device)
+        try:
+            if ours:  # trl's path: the loss computed from the hidden states in chunks, no full-vocabulary logits kept
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+            else:  # the guide's path: logits materialised, then the loss
+                logits = model(input_ids=ids, use_cache=False).logits
+                out = type("O", (), {"loss": torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])})
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            opt.zero_grad(set_to_none=True)
+        used = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        return args.budget_gb is None or used <= args.budget_gb
+
+    lo, hi = 0, args.context_start
+    while True:  # double until a length fails (or the cap trains)
+        if not fits(hi):
+            break
+        if hi >= args.context_cap:
+            return {"config": args.config, "longest_context": hi, "capped": True}
+        lo, hi = hi, min(hi * 2, args.context_cap)
+    while hi - lo > max(lo // 64, 16):  # then bisect to within ~1.5%
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"config": args.config, "longest_context": lo, "capped": False}
+
+
+def merge_and_dequant(args) -> dict:
+    """Merge time (dequantize NF4, W += s*B*A, save safetensors) against the disk floor (reading the 16-bit base and
+    writing the merged files at this disk's measured speed), and the cost of one NF4 dequantization pass."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, gpu, dtype = _load_nf4(args)
+    layers = [m for m in model.modules() if hasattr(m, "weight") and hasattr(m.weight, "quant_state")]
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.time()
+    for _ in range(3):
+        for m in layers:
+            bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+    sync()
+    dequant_pass = (time.time() - t0) / 3
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))
+    out = Path(tempfile.mkdtemp())
+    t0 = time.time()
+    merged = model.merge_and_unload()
+    sync()
+    merge_s = time.time() - t0
+    t0 = time.time()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    save_s = time.time() - t0
+    size = sum(p.stat().st_size for p in (out / "merged").rglob("*.safetensors"))
+    base_size = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
+    t0 = time.time()  # the disk's own speed: write and read back a file of the merged model's size
+    probe = out / "probe.bin"
+    with open(probe, "wb") as f:
+        chunk = os.urandom(1 << 24)
+        for _ in range(max(1, size // len(chunk))):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    write_gbs = size / (time.time() - t0) / 1e9
+    t0 = time.time()
+    with open(probe, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    read_gbs = size / (time.time() - t0) / 1e9
+    floor = base_size / 1e9 / read_gbs + size / 1e9 / write_gbs
+    return {"dequant_pass_s": dequant_pass, "merge_s": merge_s, "save_s": save_s, "merged_gb": size / 1e9,
+            "disk_floor_s": floor, "merge_vs_floor": (merge_s + save_s) / floor, "write_gbs": write_gbs, "read_gbs": read_gbs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -165,30 +280,42 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--context", action="store_true", help="Also find the longest row that trains at batch 1, per config.")
+    p.add_argument("--context-start", type=int, default=2048)
+    p.add_argument("--context-cap", type=int, default=1 << 20)
+    p.add_argument("--budget-gb", type=float, default=None, help="Memory budget for --context (default: the GPU's own limit).")
+    p.add_argument("--merge", action="store_true", help="Also time merge + save against the disk floor, and one NF4 dequant pass.")
+    p.add_argument("--measure", default="throughput", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.config:  # a child: one configuration
-        print("RESULT " + json.dumps(child(args)))
+    if args.config:  # a child: one configuration, one measurement
+        fn = {"throughput": child, "context": longest_context, "merge": merge_and_dequant}[args.measure]
+        print("RESULT " + json.dumps(fn(args)))
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-"))
     out.mkdir(parents=True, exist_ok=True)
     model = out / f"model-{args.shape}"
     if not (model / "config.json").exists():
         build_model(args.shape, model)
-    rows = []
-    for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--config", config, "--model", str(model), "--shape", args.shape, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--rows", str(args.rows), "--max-len", str(args.max_len),
+
+    def measure(config: str, what: str) -> dict:
+        cmd = [sys.executable, __file__, "--config", config, "--measure", what, "--model", str(model), "--shape", args.shape,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--rows", str(args.rows),
+               "--max-len", str(args.max_len), "--context-start", str(args.context_start), "--context-cap", str(args.context_cap),
+               *(["--budget-gb", str(args.budget_gb)] if args.budget_gb else []),
                *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+        name = config if what == "throughput" else f"{config}-{what}"
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        (out / f"{config}.log").write_text(r.stdout + r.stderr)
+        (out / f"{name}.log").write_text(r.stdout + r.stderr)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if r.returncode or line is None:
-            sys.exit(f"{config} failed (exit {r.returncode}); log: {out / f'{config}.log'}")
+            sys.exit(f"{name} failed (exit {r.returncode}); log: {out / f'{name}.log'}")
         res = json.loads(line[len("RESULT "):])
-        (out / f"{config}.json").write_text(json.dumps(res, indent=2))
-        rows.append(res)
+        (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+        return res
+
+    rows = [measure(config, "throughput") for config in args.configs.split(",")]
     base = rows[0]
     print(f"\n{args.shape}, {base['device']}, {args.steps} timed steps after {args.warmup} warmup, micro-batch {args.batch}\n")
     print("| config | tokens/s (non-pad) | x baseline | MFU | peak memory (GB) | x baseline | mean seq len |")
@@ -197,7 +324,19 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | {mfu} | "
               f"{r['peak_memory_gb']:.2f} | {r['peak_memory_gb'] / base['peak_memory_gb']:.2f} | {r['mean_seq_len']:.0f} |")
-    print(f"\nmemory: {base['memory_kind']}; logs and JSON in {out}")
+    print(f"\nmemory: {base['memory_kind']}")
+    if args.context:
+        ctx = [measure(config, "context") for config in args.configs.split(",")]
+        print("\n| config | longest context at batch 1 (tokens) | x baseline |\n|---|---|---|")
+        for c in ctx:
+            print(f"| {c['config']} | {c['longest_context']}{'+ (cap)' if c['capped'] else ''} | "
+                  f"{c['longest_context'] / max(ctx[0]['longest_context'], 1):.2f} |")
+    if args.merge:
+        m = measure("ours", "merge")
+        print("\n| merge + save (s) | disk floor (s) | x floor | merged (GB) | one NF4 dequant pass (s) |\n|---|---|---|---|---|")
+        print(f"| {m['merge_s'] + m['save_s']:.2f} | {m['disk_floor_s']:.2f} | {m['merge_vs_floor']:.2f} | {m['merged_gb']:.3f} | "
+              f"{m['dequant_pass_s']:.4f} |")
+    print(f"\nlogs and JSON in {out}")
 
 
 if __name__ == "__main__":
