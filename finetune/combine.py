@@ -82,7 +82,8 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
 
     weights = weights or [1.0 / len(adapters)] * len(adapters)
     configs = check_inputs(base, adapters, method, weights)
-    if method != "linear" and method != "cat" and not 0 < density <= 1:
+    sparsifies = method not in ("linear", "cat")  # ties and dare keep a `density` share of each adapter
+    if sparsifies and not 0 < density <= 1:
         raise UserError(f"--density {density}: the share of each adapter's weights kept, in (0, 1]")
     tok = AutoTokenizer.from_pretrained(adapters[0] if (adapters[0] / "tokenizer_config.json").exists() else base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"})
@@ -94,7 +95,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
     for name, a in zip(names[1:], adapters[1:]):
         model.load_adapter(str(a), adapter_name=name)
     torch.manual_seed(seed)  # DARE drops weights at random
-    kw = {"density": density} if method not in ("linear", "cat") else {}
+    kw = {"density": density} if sparsifies else {}
     model.add_weighted_adapter(names, weights, "default", combination_type=method, **kw)
     model.set_adapter("default")
     model.eval()  # the new adapter's modules are created in training mode: its LoRA dropout would make the probes random
@@ -111,7 +112,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
         "kind": "adapter_combination",
         "method": method,
         "weights": weights,
-        "density": density if kw else None,
+        "density": density if sparsifies else None,
         "seed": seed,
         "base": base,
         "inputs": [{"adapter": a.name, "r": c["r"], "lora_alpha": c["lora_alpha"],

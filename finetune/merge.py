@@ -35,23 +35,27 @@ class MergeError(StageFailed):
 
 
 def probe_batch(run: RunDir, n: int, pad_id: int):
-    """The first n validation rows (training rows when there is no validation split), right-padded."""
+    """The first n validation rows (training rows when there is no validation split), right-padded: input ids, attention
+    mask, and labels (prompt masked as in training, -100 on padding) for the perplexity of the responses."""
     import torch
 
     rows = []
     for name in ("val.jsonl", "train.jsonl"):
         p = run.data / name
-        rows += [json.loads(line)["input_ids"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows += [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(rows) >= n:
             break
     rows = rows[:n]
-    width = max(len(r) for r in rows)
+    width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        mask[i, :k] = 1
+        labels[i, :k] = torch.tensor(r.get("labels", r["input_ids"]))
+    return ids, mask, labels
 
 
 def logits(model, ids, mask):
@@ -65,24 +69,6 @@ def logits(model, ids, mask):
 def max_diff(a, b, mask) -> float:
     keep = mask.bool()  # compare real tokens only: pad positions carry no meaning
     return float((a - b).abs()[keep].max())
-
-
-def probe_labels(run: RunDir, n: int):
-    """Labels of the probe rows (prompt masked, as in training), padded with -100: perplexity on the responses."""
-    import torch
-
-    rows = []
-    for name in ("val.jsonl", "train.jsonl"):
-        p = run.data / name
-        rows += [json.loads(line).get("labels") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(rows) >= n:
-            break
-    rows = [r for r in rows[:n]]
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
 
 
 def perplexity(logits, labels) -> float:
@@ -148,8 +134,7 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
 
     m = recipe.merge
     tok = load_tokenizer(recipe.base_model.id, recipe)
-    ids, mask = probe_batch(run, m.probes, tok.pad_token_id)
-    labels = probe_labels(run, m.probes)
+    ids, mask, labels = probe_batch(run, m.probes, tok.pad_token_id)
     # The model as trained and evaluated: 4-bit base (when the recipe quantizes) + adapter.
     trained_logits = None
     if recipe.quantization.bits != 16:

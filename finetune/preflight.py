@@ -229,7 +229,7 @@ def preflight_recipe(recipe, recipe_dir, run, show: bool) -> dict[str, Any]:
 
     from .models import load_tokenizer
     from .prepare import prepare
-    from .train import _dataset, _rows
+    from .train import read_rows, token_dataset
 
     n = recipe.training.preflight_samples or 64
     d = recipe.data.model_copy(update={"sources": [s.model_copy(update={"limit": s.limit or 4 * n}) for s in recipe.data.sources],
@@ -237,7 +237,7 @@ def preflight_recipe(recipe, recipe_dir, run, show: bool) -> dict[str, Any]:
     sample = recipe.model_copy(update={"data": d, "eval": recipe.eval.model_copy(update={"tasks": []})})
     tok = load_tokenizer(recipe.base_model.id, recipe)
     prepare(sample, recipe_dir, run, tok)
-    rows = _rows(run.data / "train.jsonl") + _rows(run.data / "val.jsonl")
+    rows = read_rows(run.data / "train.jsonl") + read_rows(run.data / "val.jsonl")
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=recipe.training.packing)
     return preflight(tok, rows, recipe.data.template, recipe.data.system_prompt, recipe.data.max_length, show, n,
-                     collator, _dataset(rows))
+                     collator, token_dataset(rows))

@@ -35,22 +35,28 @@ class PushFailed(StageFailed):
     """The Hub kept failing after every retry; the run's files are intact and publishing can simply be rerun."""
 
 
-def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[str]:
-    """Lay out the repository in `dest`; returns its files (relative)."""
+def lay_out(dest: Path, what: list[str], adapter: Path, merged: Path, extras: list[tuple[Path, str]]) -> list[str]:
+    """A Hub repository's layout in `dest`: the adapter's files at the root, the merged model under merged/, and the
+    `extras` (source, name) that exist; returns its files (relative)."""
     dest.mkdir(parents=True, exist_ok=True)
     if "adapter" in what:
-        for f in run.adapter.iterdir():
+        for f in adapter.iterdir():
             if f.is_file():
                 shutil.copy2(f, dest / f.name)
     if "merged" in what:
-        if not run.merged.exists():
-            raise UserError("publish.what includes `merged` but RUN/merged/ does not exist (merge.enabled: false?)")
-        shutil.copytree(run.merged, dest / "merged")
-    for src, name in ((run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
-                      (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")):
+        shutil.copytree(merged, dest / "merged")
+    for src, name in extras:
         if src.exists():
             shutil.copy2(src, dest / name)
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+
+def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[str]:
+    """Lay out a run's repository in `dest`; returns its files (relative)."""
+    if "merged" in what and not run.merged.exists():
+        raise UserError("publish.what includes `merged` but RUN/merged/ does not exist (merge.enabled: false?)")
+    return lay_out(dest, what, run.adapter, run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
+                                                          (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,12 +124,12 @@ def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, forc
         return {"target": target, "skipped": f"rank {rank}"}
     what = list(recipe.publish.what)
 
-    def lay_out(dest: Path) -> list[str]:
+    def write(dest: Path) -> list[str]:
         return assemble(recipe, run, what, dest)
 
     p = recipe.publish
-    out = (publish_file(recipe.name, lay_out, target) if target.startswith("file://") else
-           push_hub(recipe.name, lay_out, target.removeprefix("hf://"), run.root, p.private, p.retries, p.backoff_s))
+    out = (publish_file(recipe.name, write, target) if target.startswith("file://") else
+           push_hub(recipe.name, write, target.removeprefix("hf://"), run.root, p.private, p.retries, p.backoff_s))
     return {**out, "gates_overridden": len(overridden)}
 
 
@@ -136,15 +142,15 @@ def latest_revision(root: Path) -> Path | None:
     return root / rev if rev and (root / rev).is_dir() else None
 
 
-def publish_file(name: str, lay_out, target: str) -> dict[str, Any]:
-    """A new numbered revision of the file:// repository; `lay_out(folder)` writes the files and lists them."""
+def publish_file(name: str, write, target: str) -> dict[str, Any]:
+    """A new numbered revision of the file:// repository; `write(folder)` writes the files and lists them."""
     root = Path(target.removeprefix("file://")).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
     rev = f"{max(numbers, default=0) + 1:04d}"
     staging = root / f".{rev}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    files = lay_out(staging)
+    files = write(staging)
     (staging / ".revision.json").write_text(json.dumps({
         "revision": rev, "run": name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {f: sha256_file(staging / f) for f in files}}, indent=2) + "\n", encoding="utf-8")
@@ -165,8 +171,8 @@ def _retryable(e: Exception) -> bool:
     return isinstance(e, (OSError, TimeoutError)) or "Timeout" in type(e).__name__ or "Connect" in type(e).__name__
 
 
-def push_hub(name: str, lay_out, repo_id: str, local: Path, private: bool, retries: int, backoff_s: float) -> dict[str, Any]:
-    """One commit of what `lay_out(folder)` writes, staged under `local` (the run directory)."""
+def push_hub(name: str, write, repo_id: str, local: Path, private: bool, retries: int, backoff_s: float) -> dict[str, Any]:
+    """One commit of what `write(folder)` writes, staged under `local` (the run directory)."""
     from huggingface_hub import HfApi
 
     token = os.environ.get("HF_TOKEN")
@@ -174,7 +180,7 @@ def push_hub(name: str, lay_out, repo_id: str, local: Path, private: bool, retri
         raise UserError("publish.to is hf://...: set HF_TOKEN in the environment (tokens are never read from recipes)")
     staging = local / ".publish"
     shutil.rmtree(staging, ignore_errors=True)
-    files = lay_out(staging)
+    files = write(staging)
     api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
     for attempt in range(1, retries + 2):
         try:
@@ -207,21 +213,13 @@ def publish_combination(folder: Path, to: str, what: list[str], private: bool, r
         return {"target": to, "skipped": "not rank 0"}
     card = combination_card(folder, check)
 
-    def lay_out(dest: Path) -> list[str]:
-        dest.mkdir(parents=True, exist_ok=True)
-        if "adapter" in what:
-            for f in (folder / "adapter").iterdir():
-                if f.is_file():
-                    shutil.copy2(f, dest / f.name)
-        if "merged" in what:
-            shutil.copytree(folder / "merged", dest / "merged")
-        shutil.copy2(folder / "merge_check.json", dest / "merge_check.json")
-        if (folder / "eval" / "report.json").exists():
-            shutil.copy2(folder / "eval" / "report.json", dest / "eval_report.json")
-        (dest / "README.md").write_text(card, encoding="utf-8")
+    def write(dest: Path) -> list[str]:
+        lay_out(dest, what, folder / "adapter", folder / "merged",
+                [(folder / "merge_check.json", "merge_check.json"), (folder / "eval" / "report.json", "eval_report.json")])
+        (dest / "README.md").write_text(card, encoding="utf-8")  # last: replaces the stub card peft saves with an adapter
         return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 
     name = folder.resolve().name
     if to.startswith("file://"):
-        return publish_file(name, lay_out, to)
-    return push_hub(name, lay_out, to.removeprefix("hf://"), folder, private, retries, backoff_s)
+        return publish_file(name, write, to)
+    return push_hub(name, write, to.removeprefix("hf://"), folder, private, retries, backoff_s)

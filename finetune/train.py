@@ -28,7 +28,7 @@ class NonFinite(StageFailed):
     """Training produced a NaN/inf loss or gradient norm more often than `training.nonfinite_patience` allows."""
 
 
-def _callbacks(run: RunDir, recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
+def _callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
     import torch
     from transformers import TrainerCallback
 
@@ -154,7 +154,7 @@ def _trainer_class():
     return GuardedTrainer
 
 
-def _dataset(rows: list[dict[str, Any]]):
+def token_dataset(rows: list[dict[str, Any]]):
     """Tokenised rows; CPT blocks have no labels: every token is supervised."""
     from datasets import Dataset
 
@@ -258,7 +258,8 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
     return get_peft_model(model, lcfg)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a prepared JSONL file (RUN/data/*.jsonl); none when it is absent."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
@@ -291,9 +292,9 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
 
     prefix = "cpt_" if stage == "cpt" else ""
-    rows = _rows(run.data / f"{prefix}train.jsonl")
-    train_ds = _dataset(rows)
-    val_ds = _dataset(_rows(run.data / f"{prefix}val.jsonl"))
+    rows = read_rows(run.data / f"{prefix}train.jsonl")
+    train_ds = token_dataset(rows)
+    val_ds = token_dataset(read_rows(run.data / f"{prefix}val.jsonl"))
     has_val = len(val_ds) > 0
     report_to = tracking.configure(recipe.tracking.report_to, recipe.tracking.project, run.logs, stage)
     run.logs.mkdir(parents=True, exist_ok=True)
@@ -319,7 +320,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
         processing_class=tok,
-        callbacks=_callbacks(run, recipe, ckpts, metrics, guard),
+        callbacks=_callbacks(recipe, ckpts, metrics, guard),
     )
     trainer.guard = guard
     bf16_gpu = device() == "cuda" and recipe.quantization.compute_dtype == "bfloat16" and recipe.quantization.bits != 16

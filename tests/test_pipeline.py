@@ -131,7 +131,7 @@ def test_qlora_step_and_verified_merge_for_every_family(family, tmp_path):
     metrics = [m for m in map(json.loads, (tmp_path / "logs/metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert len(metrics) >= 6 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     r, _ = load_recipe(tmp_path / "recipe.yaml")
-    ids, mask = probe_batch(RunDir(tmp_path), 3, 0)
+    ids, mask, _ = probe_batch(RunDir(tmp_path), 3, 0)
     base = load_model(r.base_model.id, r, quantized=False, dtype=torch.float32)
     with torch.no_grad():
         base_logits = base(input_ids=ids, attention_mask=mask).logits
