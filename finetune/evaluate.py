@@ -15,7 +15,7 @@ from typing import Any
 from .errors import UserError
 from .harness import log_entry, score_items, task_entry, write_report
 from .recipe import Recipe
-from .run import RunDir
+from .run import RunDir, read_jsonl
 from .tasks import EvalTask, Item, load_items
 
 log = logging.getLogger("finetune")
@@ -24,7 +24,7 @@ log = logging.getLogger("finetune")
 def heldout_suite(run: RunDir) -> tuple[EvalTask, list[Item]] | None:
     """The validation split, already tokenised by prepare: response loss exactly as training measured it."""
     path = run.data / "val.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    rows = read_jsonl(path)
     if not rows:
         return None
     task = EvalTask(name="heldout", type="perplexity", path=str(path))

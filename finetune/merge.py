@@ -23,7 +23,7 @@ from .errors import StageFailed
 from .models import DTYPES, device, load_model, load_tokenizer
 from .moe import refuse_experts
 from .recipe import Recipe
-from .run import RunDir, write_json
+from .run import RunDir, read_jsonl, write_json
 
 log = logging.getLogger("finetune")
 
@@ -42,7 +42,7 @@ def probe_batch(run: RunDir, n: int, pad_id: int):
     rows = []
     for name in ("val.jsonl", "train.jsonl"):
         p = run.data / name
-        rows += [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows += read_jsonl(p)
         if len(rows) >= n:
             break
     rows = rows[:n]

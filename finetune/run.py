@@ -21,6 +21,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from data_prep.jsonl import read_jsonl  # noqa: F401  (the one JSONL reader, re-exported for the stages)
+
 STAGES = ("prepare", "cpt", "train", "eval", "merge", "publish")  # cpt runs only when the recipe's stages have it
 
 

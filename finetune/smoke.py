@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_prep.jsonl import lines as jsonl_lines
+
 from .errors import UserError
 from .families import check_family, infer_family
 from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
@@ -94,7 +96,7 @@ def _corpus(sample_files: list[Path]) -> list[str]:
     for path in sample_files:
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in jsonl_lines(path.read_text(encoding="utf-8")):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

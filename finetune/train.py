@@ -19,7 +19,7 @@ from . import checkpoints, distributed, preempt, tracking
 from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
-from .run import RunDir, write_json
+from .run import RunDir, read_jsonl, write_json
 
 log = logging.getLogger("finetune")
 
@@ -260,15 +260,15 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a prepared JSONL file (RUN/data/*.jsonl); none when it is absent."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
     """On resume: keep the metric lines up to the checkpoint's step; later ones were logged by steps being redone."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
 
 
 def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | None = None, show_example: bool = False) -> dict[str, Any]:

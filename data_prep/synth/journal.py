@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import read_jsonl
+
 
 class Journal:
     def __init__(self, out: Path, config: dict[str, Any]):
@@ -29,8 +31,7 @@ class Journal:
         self.counts = Counter(self.state["counts"])
         self.rows: list[dict[str, Any]] = []
         if self.out.exists():
-            lines = self.out.read_text(encoding="utf-8").splitlines()
-            self.rows = [json.loads(l) for l in lines if l.strip()]
+            self.rows = read_jsonl(self.out)
             good = [r for r in self.rows if r.get("origin", {}).get("unit") in self.done]
             if len(good) != len(self.rows):  # a unit written but not recorded: it will be asked again
                 self.rows = good

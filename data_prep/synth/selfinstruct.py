@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..jsonl import lines as jsonl_lines
 from .journal import Journal
 from .teacher import Teacher
 
@@ -42,7 +43,7 @@ def load_seeds(path: Path) -> list[SeedTask]:
     """Seed tasks in Alpaca's layout: {instruction, instances: [{input, output}]} (or flat {instruction, input, output})."""
     seeds = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read seed tasks ({e})") from None
     for n, line in enumerate(lines, start=1):
