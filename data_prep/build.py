@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import DataError, RowError
+from .outputs import check_output, mark, replace_dir, staging_dir
 from .formats import content_hash, content_texts, hashed_id, row_texts
 from .quality import decontam, dedupe, pii
 from .sources.load import load_source
@@ -182,6 +182,14 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+BUILD_FILES = {"train.jsonl", "val.jsonl", "rejects.jsonl", "provenance.json", "datacard.md", "lengths.png"}
+
+
+def _legacy_build(folder: Path) -> bool:
+    """A build folder written before the .finetune.json marker: only the files a build writes."""
+    return {p.name for p in folder.iterdir()} <= BUILD_FILES
+
+
 @dataclass
 class Built:
     out: Path
@@ -200,15 +208,11 @@ def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[di
 
     t0 = time.perf_counter()
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    check_output(out, "data-build", "--out", legacy=_legacy_build)
     try:
         got = collect(spec, base_dir, eval_sets=eval_sets, token_len=token_len, progress=progress)
     except RejectRateExceeded as e:
-        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "data-build")
         write_jsonl(out / "rejects.jsonl", e.rejects)  # nothing is lost, even when the build stops
         raise DataError(f"{e} Rejected rows with reasons: {out / 'rejects.jsonl'}") from None
     train, val = split_by_hash(got.rows, spec.val_fraction, spec.val_max)
@@ -216,20 +220,19 @@ def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[di
         raise DataError(f"{spec.name}: {len(train)} training rows after cleaning, fewer than min_rows={spec.min_rows}")
     unit = "tokens" if token_len else "words"
     measure = token_len or (lambda r: sum(len(t.split()) for t in row_texts(r)))
-    tmp.mkdir(parents=True)
-    write_jsonl(tmp / "train.jsonl", [public(r) for r in train])
-    write_jsonl(tmp / "val.jsonl", [public(r) for r in val])
-    write_jsonl(tmp / "rejects.jsonl", got.rejects)
-    stats = {"train": lengths([measure(r) for r in train]), "val": lengths([measure(r) for r in val]), "unit": unit,
-             "tokenizer": tokenizer_name, "max_length": spec.max_length if token_len else None}
-    write_docs(tmp, spec.name, got, stats)
-    if out.exists():
+    tmp = staging_dir(out)
+    try:
+        mark(tmp, "data-build")
+        write_jsonl(tmp / "train.jsonl", [public(r) for r in train])
+        write_jsonl(tmp / "val.jsonl", [public(r) for r in val])
+        write_jsonl(tmp / "rejects.jsonl", got.rejects)
+        stats = {"train": lengths([measure(r) for r in train]), "val": lengths([measure(r) for r in val]), "unit": unit,
+                 "tokenizer": tokenizer_name, "max_length": spec.max_length if token_len else None}
+        write_docs(tmp, spec.name, got, stats)
+    except BaseException:
         import shutil
 
-        old = out.with_name(out.name + ".old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
     return Built(out, len(train), len(val), len(got.rejects), sum(s["rows_read"] for s in got.sources), time.perf_counter() - t0)

@@ -197,6 +197,9 @@ def merge(recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML: me
             raise UserError("give either a RECIPE (merge its run) or --base/--adapters/--out (combine adapters), not both")
         if not (base and adapters and out):
             raise UserError("combining adapters needs --base MODEL, --adapters A --adapters B ... and --out DIR")
+        from data_prep.outputs import check_output
+
+        check_output(out, "combination", "--out", legacy=lambda p: (p / "merge_check.json").is_file(), error=UserError)
         paths = [Path(a) for item in adapters for a in item.split(",") if a]
         try:
             ws = [float(w) for w in weights.split(",")] if weights else None
@@ -306,8 +309,9 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     from .run import RunDir
 
     run = RunDir(run_dir)
-    if not run.recipe.exists():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    if not run.recipe.exists() or not run.manifest_path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
+    run.check_ours("run directory")
     recipe, _ = load_recipe(run.recipe, overrides or [])
     m = run.manifest()
     # Paths in a resolved recipe are absolute already; the recipe's own folder is the fallback for relative ones.

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from data_prep.outputs import mark
+
 from .errors import UserError
 from .run import sha256_file, write_json
 
@@ -104,6 +106,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
     if changed <= 1e-6:
         raise UserError(f"the combined adapter does not change the base's outputs (max logit change {changed:.2e}): "
                         "check --weights and --density")
+    mark(out, "combination")
     shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "adapter").mkdir(parents=True)
     model.save_pretrained(out / "adapter", selected_adapters=["default"], safe_serialization=True)

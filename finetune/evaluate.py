@@ -139,6 +139,9 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
         recipe = _standalone_recipe(model_dir, bits)
         system_prompt = None
         out = out or Path(f"eval-{target.resolve().name}")
+    from data_prep.outputs import check_output, mark
+
+    check_output(Path(out), "eval", "--out", legacy=lambda p: (p / "report.json").is_file(), error=UserError)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
     if template:
@@ -155,5 +158,6 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
     entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None)
     report = {"model": Path(model_dir).name if Path(model_dir).exists() else model_dir,
               "adapter": Path(adapter).name if adapter else None, "tasks": entries}
+    mark(Path(out), "eval")
     write_report(Path(out), report, per_item)
     return Path(out)

@@ -391,6 +391,7 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(STAGES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
     default = Path("runs") / (recipe.name + ("-smoke" if smoke else ""))
     run = RunDir(run_dir or default)
+    run.check_ours("--run-dir" if run_dir else "run directory")
     original = recipe.base_model.id
     if smoke:
         from .smoke import smoke_recipe
@@ -406,7 +407,10 @@ def start(ctx: Context, resolved: dict[str, Any]) -> None:
     from . import distributed
 
     distributed.init()
-    ctx.run.root.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        ctx.run.claim()
+    else:
+        ctx.run.root.mkdir(parents=True, exist_ok=True)
     setup_logging(ctx.run)
     if not distributed.is_main():
         distributed.barrier()

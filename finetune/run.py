@@ -80,6 +80,23 @@ class RunDir:
         self.metrics = self.logs / "metrics.jsonl"
         self.base = self.root / "base"  # --smoke: the tiny stand-in model and tokenizer
 
+    # ---- ownership: a run directory is absent, empty, or one finetune made (data_prep/outputs.py)
+
+    def check_ours(self, what: str = "--run-dir") -> None:
+        """Refuse (exit 2, nothing written) a folder holding anything but a finetune run."""
+        from data_prep.outputs import check_output
+
+        from .errors import UserError
+
+        check_output(self.root, "run", what, legacy=lambda p: isinstance(read_json(p / "manifest.json", None), dict)
+                     and "stages" in read_json(p / "manifest.json", {}), error=UserError)
+
+    def claim(self) -> None:
+        from data_prep.outputs import mark
+
+        self.check_ours()
+        mark(self.root, "run")
+
     # ---- manifest
 
     def manifest(self) -> dict[str, Any]:
