@@ -21,6 +21,7 @@ from typing import Callable
 from .errors import DataError
 
 MARKER = ".finetune.json"
+LOCK = ".finetune.lock"  # finetune/runlock.py: taken (and so created) before the folder is claimed
 
 
 def kind_of(folder: Path) -> str | None:
@@ -43,7 +44,7 @@ def check_output(folder: Path, kind: str, what: str = "--out", legacy: Callable[
     if not folder.is_dir():
         raise error(f"{what} {folder}: is a file, not a folder; give a new or empty folder (nothing was written)")
     try:
-        entries = sorted(p.name for p in folder.iterdir())
+        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
     except PermissionError:
         raise error(f"{what} {folder}: not readable (permission denied); give a folder you can write to") from None
     if not entries:

@@ -20,14 +20,13 @@ def load_run_model(run_dir: Path):
     from peft import PeftModel
 
     from .models import load_model, load_tokenizer
-    from .recipe import load_recipe
 
     run = RunDir(run_dir)
     if not run.recipe.exists():
         raise UserError(f"{run_dir}: not a run directory (no recipe.yaml)")
     if not (run.adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir}: no trained adapter yet (run `finetune run RECIPE` or `finetune train RECIPE` first)")
-    recipe, _ = load_recipe(run.recipe)
+    recipe, _ = run.load_recipe()
     tok = load_tokenizer(recipe.base_model.id, recipe)
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))

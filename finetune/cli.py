@@ -86,13 +86,24 @@ def _quiet_libraries() -> None:
 
 def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force, resume=True, allow_drift=False,
          show_example=False, scale: dict | None = None) -> None:
-    from . import distributed
-    from .pipeline import make_context, run_stages, start
-    from .preempt import handling
+    from .pipeline import make_context
 
     ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
                                  resume=resume, allow_drift=allow_drift, show_example=show_example)
-    scale = scale or {}
+    import contextlib
+
+    from .runlock import exclusive
+
+    # Node rank 0 holds the lock for the whole job; other nodes may share its file system.
+    with exclusive(ctx.run.root) if not (scale or {}).get("node_rank") else contextlib.nullcontext():
+        _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, allow_drift, show_example, scale or {})
+
+
+def _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, allow_drift, show_example, scale) -> None:
+    from . import distributed
+    from .pipeline import run_stages, start
+    from .preempt import handling
+
     d = ctx.recipe.distributed
     gpus, nodes = scale.get("gpus") or d.gpus, scale.get("nodes") or d.nodes
     if (gpus > 1 or nodes > 1) and not distributed.active():
@@ -285,17 +296,18 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directo
             force: Annotated[bool, typer.Option("--force", help="Publish again even if done, and even when a gate (regression, "
                                                 "licence, PII) refuses.")] = False) -> None:
     """Publish a run's adapter and/or merged model with its model card."""
+    parts = _publish_options(to, what)
     if not (run_dir / "recipe.yaml").exists() and (run_dir / "merge_check.json").exists():
         if not to:
             raise UserError(f"{run_dir}: an adapter combination has no recipe; say where with --to hf://ORG/NAME or file://DIR")
         from .publish import publish_combination
 
-        out = publish_combination(run_dir, to, (what or "adapter").split(","), True if private is None else private)
+        out = publish_combination(run_dir, _absolute_target(to, Path.cwd()), parts or ["adapter"], True if private is None else private)
         typer.echo(str(out.get("revision") or out.get("target")))
         return
     overrides = []
     if to:
-        overrides.append(f"publish.to={to}")
+        overrides.append(f"publish.to={_absolute_target(to, Path.cwd())}")
     if what:
         overrides.append(f"publish.what=[{what}]")
     if private is not None:
@@ -303,19 +315,48 @@ def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directo
     _existing_run(run_dir, "publish", force, overrides)
 
 
+def _publish_options(to: str | None, what: str | None) -> list[str] | None:
+    """--to and --what checked as the recipe's publish section checks them, with the option named (not the recipe)."""
+    import difflib
+
+    from .recipe import PublishSpec
+
+    if to is not None:
+        try:
+            PublishSpec(to=to)
+        except Exception:  # noqa: BLE001  (pydantic's ValidationError; the message below says all)
+            raise UserError(f"--to {to!r}: must look like hf://ORG/NAME (Hugging Face Hub) or file://DIR (a folder)") from None
+    if what is None:
+        return None
+    parts = [w.strip() for w in what.split(",") if w.strip()]
+    for w in parts:
+        if w not in ("adapter", "merged"):
+            close = difflib.get_close_matches(w, ["adapter", "merged"], n=1)
+            raise UserError(f"--what {w!r}: choose adapter, merged, or adapter,merged" + (f"; did you mean '{close[0]}'?" if close else ""))
+    if not parts:
+        raise UserError("--what is empty: choose adapter, merged, or adapter,merged")
+    return parts
+
+
+def _absolute_target(to: str, base: Path) -> str:
+    """A relative file:// target given on the command line is relative to where the command runs."""
+    if to.startswith("file://"):
+        p = Path(to.removeprefix("file://")).expanduser()
+        return "file://" + str(p if p.is_absolute() else (base / p).resolve())
+    return to
+
+
 def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] | None = None) -> None:
     from .pipeline import Context, run_stages, setup_logging
-    from .recipe import load_recipe
     from .run import RunDir
 
     run = RunDir(run_dir)
     if not run.recipe.exists() or not run.manifest_path.exists():
         raise UserError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
     run.check_ours("run directory")
-    recipe, _ = load_recipe(run.recipe, overrides or [])
+    recipe, recipe_dir = run.load_recipe(overrides or [])
     m = run.manifest()
-    # Paths in a resolved recipe are absolute already; the recipe's own folder is the fallback for relative ones.
-    ctx = Context(recipe, Path(run.recipe).resolve().parent, run, bool(m.get("smoke")), m.get("base_model", recipe.base_model.id),
+    ctx = Context(recipe, recipe_dir, run, bool(m.get("smoke")), m.get("base_model", recipe.base_model.id),
                   {stage} if force else set(), force_gates=force and stage == "publish")
     _quiet_libraries()
     setup_logging(run)
@@ -325,8 +366,9 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     if missing:
         raise UserError(f"{run_dir}: stage {missing[0]} is not done; run `finetune run RECIPE` first")
     from .preempt import handling
+    from .runlock import exclusive
 
-    with handling():
+    with exclusive(run.root), handling():
         run_stages(ctx, (stage,))
     typer.echo(str(run.root))
 

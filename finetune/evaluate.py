@@ -114,14 +114,13 @@ def check_model_dir(path: Path) -> str:
 def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path | None, template: str | None,
                  batch_size: int, max_samples: int | None, bits: int) -> Path:
     from .models import load_model, load_tokenizer
-    from .recipe import load_recipe
     from .tasks import load_task_file
 
     tasks, tasks_dir = load_task_file(tasks_file)
     run = RunDir(target)
     recipe_template = None
     if run.recipe.exists():  # a run directory: its base (as trained) and its adapter, its template
-        recipe, _ = load_recipe(run.recipe)
+        recipe, _ = run.load_recipe()
         model_dir = recipe.base_model.id
         adapter = adapter or run.adapter
         recipe_template, system_prompt = recipe.data.template, recipe.data.system_prompt

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .recipe import SECRET_ENV, Recipe, redact, resolve_path
-from .run import STAGES, RunDir, fingerprint, now, read_json, sha256_file, sha256_json, write_json, write_recipe  # noqa: F401
+from .run import STAGES, RunDir, fingerprint, now, portable, read_json, sha256_file, sha256_json, write_json, write_recipe  # noqa: F401
 
 log = logging.getLogger("finetune")
 
@@ -416,9 +416,9 @@ def start(ctx: Context, resolved: dict[str, Any]) -> None:
         distributed.barrier()
         return
     header = f"# Resolved recipe{' (--smoke)' if ctx.smoke else ''}, written by finetune {_versions().get('finetune', '')}; secrets redacted.\n"
-    write_recipe(ctx.run, redact(resolved), header)
+    write_recipe(ctx.run, portable(redact(resolved), ctx.run.root), header)
     m = ctx.run.manifest()
-    m.update({"name": ctx.recipe.name, "smoke": ctx.smoke, "base_model": ctx.original_base})
+    m.update({"name": ctx.recipe.name, "smoke": ctx.smoke, "base_model": ctx.original_base, "recipe_dir": str(ctx.recipe_dir)})
     write_json(ctx.run.manifest_path, m)
     if ctx.smoke:
         from .smoke import build_base

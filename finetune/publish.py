@@ -145,22 +145,39 @@ def latest_revision(root: Path) -> Path | None:
 def publish_file(name: str, write, target: str) -> dict[str, Any]:
     """A new numbered revision of the file:// repository; `write(folder)` writes the files and lists them."""
     root = Path(target.removeprefix("file://")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    rev = f"{max(numbers, default=0) + 1:04d}"
-    staging = root / f".{rev}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    files = write(staging)
-    (staging / ".revision.json").write_text(json.dumps({
-        "revision": rev, "run": name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {f: sha256_file(staging / f) for f in files}}, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, root / rev)
-    (root / "refs").mkdir(exist_ok=True)
-    tmp = root / "refs" / ".main.tmp"
-    tmp.write_text(rev + "\n", encoding="utf-8")
-    os.replace(tmp, root / "refs" / "main")
+    from .runlock import waiting
+
+    with waiting(root):  # one writer at a time: concurrent publishes get consecutive revisions, both complete
+        numbers = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+        rev = f"{max(numbers, default=0) + 1:04d}"
+        staging = root / f".{rev}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            files = write(staging)
+            require_weights(files, target)
+            (staging / ".revision.json").write_text(json.dumps({
+                "revision": rev, "run": name, "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": {f: sha256_file(staging / f) for f in files}}, indent=2) + "\n", encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.replace(staging, root / rev)
+        (root / "refs").mkdir(exist_ok=True)
+        tmp = root / "refs" / ".main.tmp"
+        tmp.write_text(rev + "\n", encoding="utf-8")
+        os.replace(tmp, root / "refs" / "main")
     log.info("publish: revision %s, %d files, in %s", rev, len(files), root)
     return {"target": target, "revision": rev, "files": files}
+
+
+WEIGHTS = (".safetensors",)
+
+
+def require_weights(files: list[str], target: str) -> None:
+    """A revision without model weights must never become `main` (or a Hub commit)."""
+    if not any(f.endswith(WEIGHTS) for f in files):
+        raise StageFailed(f"publish to {target}: nothing to publish holds weights ({', '.join(files[:6])}); refused, "
+                          "so the target's main revision still names the last one with weights")
 
 
 def _retryable(e: Exception) -> bool:
@@ -181,6 +198,7 @@ def push_hub(name: str, write, repo_id: str, local: Path, private: bool, retries
     staging = local / ".publish"
     shutil.rmtree(staging, ignore_errors=True)
     files = write(staging)
+    require_weights(files, f"hf://{repo_id}")
     api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
     for attempt in range(1, retries + 2):
         try:

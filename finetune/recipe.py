@@ -379,24 +379,49 @@ ALIASES = {
 }
 
 
-def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def parse_recipe(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise UserError(explain(e, source, Recipe, "recipe", ALIASES)) from None
+        raise UserError(blame_overrides(explain(e, source, Recipe, "recipe", ALIASES), overrides or [])) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
-    """Read, override and validate a recipe. Returns it with the folder its relative paths are resolved against."""
+def blame_overrides(message: str, overrides: list[str]) -> str:
+    """Point each problem that a `--set KEY=VALUE` caused at that option, not at the recipe file: the file is fine."""
+    head, *lines = message.split("\n")
+    keys = [(o.split("=", 1)[0].strip(), o) for o in overrides if "=" in o]
+    out, blamed = [], 0
+    for line in lines:
+        path = line.strip().split(":", 1)[0]
+        hit = next((o for k, o in keys if path == k or path.startswith(k + ".")), None)
+        blamed += hit is not None
+        out.append(f"{line} [from --set {hit}]" if hit else line)
+    if lines and blamed == len(lines):
+        head = f"--set: invalid value{'s' if blamed > 1 else ''} for the recipe ({head.split(': invalid recipe', 1)[0]})"
+    return "\n".join([head, *out])
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, localise=None) -> tuple[Recipe, Path]:
+    """Read, override and validate a recipe. Returns it with the folder its relative paths are resolved against.
+    `localise` rewrites the document before the overrides (a run's copy: `$RUN/...` back to the run's own folder)."""
     path = Path(path)
-    data = apply_overrides(_yaml_load(path), overrides or [])
+    data = _yaml_load(path)
+    if localise is not None:
+        data = localise(data)
+    recipe_dir = path.resolve().parent
+    data = apply_overrides(data, overrides or [])
     leaks = secret_paths(data)
     if leaks:
         raise UserError(f"{path}: {leaks[0]} holds what looks like an access token. Secrets are read from the environment "
                         f"only (HF_TOKEN, WANDB_API_KEY ...), never from a recipe, which is copied into the run directory, "
                         f"logs and model cards: remove it and export the variable instead"
                         + (f" (also at: {', '.join(leaks[1:4])})" if len(leaks) > 1 else ""))
-    return parse_recipe(data, str(path)), path.resolve().parent
+    recipe = parse_recipe(data, str(path), overrides)
+    to = recipe.publish.to
+    if to and to.startswith("file://") and not Path(to.removeprefix("file://")).expanduser().is_absolute():
+        # README: paths in a recipe are relative to the recipe file, publish targets too (not to the working directory)
+        recipe.publish.to = "file://" + str((recipe_dir / to.removeprefix("file://")).resolve())
+    return recipe, recipe_dir
 
 
 def json_schema() -> dict[str, Any]:

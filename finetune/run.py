@@ -91,6 +91,15 @@ class RunDir:
         check_output(self.root, "run", what, legacy=lambda p: isinstance(read_json(p / "manifest.json", None), dict)
                      and "stages" in read_json(p / "manifest.json", {}), error=UserError)
 
+    def load_recipe(self, overrides: list[str] | None = None):
+        """The run's resolved recipe (with `$RUN` pointing here, wherever the run now is), and the folder its other
+        relative paths are relative to: the original recipe's, recorded in the manifest."""
+        from .recipe import load_recipe
+
+        recipe, _ = load_recipe(self.recipe, overrides, localise=lambda d: localise(d, self.root))
+        where = self.manifest().get("recipe_dir")
+        return recipe, Path(where) if where and Path(where).is_dir() else self.root.resolve()
+
     def claim(self) -> None:
         from data_prep.outputs import mark
 
@@ -160,6 +169,39 @@ class RunDir:
 def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) -> str:
     """Hash of what a stage depends on: its recipe sections and the hashes of the files it reads."""
     return sha256_json({"stage": stage, "sections": sections, "inputs": inputs})
+
+
+RUN_TOKEN = "$RUN"  # RUN/recipe.yaml names the run's own files ($RUN/base, file://$RUN/hub) so a moved run still works
+
+
+def portable(obj: Any, root: Path) -> Any:
+    """Absolute paths inside the run folder (the --smoke stand-in, its hub) written as `$RUN/...`."""
+    top = str(Path(root).resolve())
+    if isinstance(obj, dict):
+        return {k: portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str):
+        scheme = "file://" if obj.startswith("file://") else ""
+        rest = obj[len(scheme):]
+        if rest == top or rest.startswith(top + os.sep):
+            return scheme + RUN_TOKEN + rest[len(top):]
+    return obj
+
+
+def localise(obj: Any, root: Path) -> Any:
+    """The inverse of `portable` for the run's current location."""
+    top = str(Path(root).resolve())
+    if isinstance(obj, dict):
+        return {k: localise(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [localise(v, root) for v in obj]
+    if isinstance(obj, str):
+        scheme = "file://" if obj.startswith("file://") else ""
+        rest = obj[len(scheme):]
+        if rest == RUN_TOKEN or rest.startswith(RUN_TOKEN + "/"):
+            return scheme + top + rest[len(RUN_TOKEN):]
+    return obj
 
 
 def write_recipe(run: RunDir, data: dict[str, Any], header: str) -> None:

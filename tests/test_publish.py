@@ -97,7 +97,7 @@ def test_file_target_keeps_numbered_revisions(legal, tmp_path):
     r = recipe_of(run, f"publish.to=file://{target}")
     publish(r, run, "m", smoke=True)
     publish(recipe_of(run, f"publish.to=file://{target}", "publish.what=[adapter]"), run, "m", smoke=True)
-    assert sorted(p.name for p in target.iterdir()) == ["0001", "0002", "refs"] and latest_revision(target).name == "0002"
+    assert sorted(p.name for p in target.iterdir()) == [".lock", "0001", "0002", "refs"] and latest_revision(target).name == "0002"
     first, second = target / "0001", target / "0002"
     want = local_files(run)
     got = {str(p.relative_to(first)): p.read_bytes() for p in first.rglob("*") if p.is_file() and p.name != ".revision.json"}

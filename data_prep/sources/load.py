@@ -4,6 +4,7 @@ duplicate ids. Returns the rows, the rejects (row number + reason) and what prov
 from __future__ import annotations
 
 import functools
+import os
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +79,17 @@ def adapter_fn(src: Source, base_dir: Path):
     return functools.partial(ADAPTERS[src.adapter].fn, **opts)
 
 
+def shown_path(path: str, base_dir: Path) -> str:
+    """A source's path as provenance, data cards and run.lock.json show it: relative to the recipe or spec file, never
+    an absolute path of this machine (those files are published)."""
+    p = Path(path).expanduser()
+    return os.path.relpath(p, base_dir) if p.is_absolute() else path
+
+
 def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
     where = src.origin
     opened = open_source(src, base_dir)
-    out = Loaded(info={("hub" if src.hub else "path"): src.hub or src.path, **opened.info, "license": src.license,
+    out = Loaded(info={("hub" if src.hub else "path"): src.hub or shown_path(src.path, base_dir), **opened.info, "license": src.license,
                        **({"adapter": src.adapter, "options": src.options} if src.adapter else {})})
     if opened.columns is not None:
         _check_mapping(src, opened.columns, where)
