@@ -42,6 +42,13 @@ class Context:
     force_gates: bool = False  # `finetune publish --force`: publish even when a gate says no
 
 
+from .errors import UserError  # noqa: E402
+
+
+class StaleInputs(UserError):
+    """A stage would read or publish artifacts of earlier stages that no longer match their inputs (exit 2)."""
+
+
 class RedactSecrets(logging.Filter):
     """Replace the values of secret environment variables in every log record."""
 
@@ -300,6 +307,30 @@ def _decide(ctx: Context, stage: str, cascade: bool) -> dict[str, Any]:
     return {"skip": False, "fp": fp, "parts": parts, "resume_from": resume_point(ctx, stage, rec, fp, parts)}
 
 
+def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:
+    """The earlier stages whose outputs no longer match their inputs (a re-`prepare` with other data, another recipe
+    prepared into this run, an edited adapter): what `stage` would read and ship is stale. Stages decided in this
+    invocation are current by construction and are not hashed again."""
+    run = ctx.run
+    active = active_stages(ctx.recipe)
+    out = []
+    for up in active[: active.index(stage)]:
+        if up in decided:
+            continue
+        rec = run.stage_record(up)
+        if rec is None or rec.get("status") != "done":
+            out.append(f"{up} (not done)")
+            continue
+        sections, inputs = stage_inputs(ctx, up)
+        if rec.get("fingerprint") != fingerprint(up, sections, inputs):
+            parts, old = _parts(sections, inputs), rec.get("parts", {})
+            changed = sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k))
+            out.append(f"{up} (changed since it ran: {', '.join(changed[:4]) or 'its inputs'})")
+        elif not run.outputs_intact(rec):
+            out.append(f"{up} (its outputs were modified or removed)")
+    return out
+
+
 def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
     """Run `stages` (a prefix-closed selection of STAGES) with skip/rerun logic; returns stage -> 'ran'|'skipped'.
 
@@ -313,6 +344,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
     main = distributed.is_main()
     outcome: dict[str, str] = {}
     cascade = False
+    decided: set[str] = set()
     for stage in stages:
         if stage not in active_stages(ctx.recipe):
             continue
@@ -320,6 +352,11 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
         if main:
             try:
                 decision = _decide(ctx, stage, cascade)
+                stale = [] if decision["skip"] else stale_upstream(ctx, stage, decided)
+                if stale:
+                    raise StaleInputs(f"{stage}: refused, what it would read or ship is out of date: {'; '.join(stale)}. Rerun "
+                                      f"from {stale[0].split(' ')[0]} with `finetune run RECIPE` (the run's recipe is {run.recipe})")
+                decided.add(stage)  # current now: skipped as unchanged, or about to run
             except Exception as e:  # noqa: BLE001  (shared first, so the other ranks do not wait forever)
                 decision, refused = {"error": f"{type(e).__name__}: {e}"}, e
         decision = distributed.share(decision)

@@ -109,3 +109,156 @@ def test_run_dir_holding_a_users_files_is_refused_before_a_byte_is_written(tmp_p
     assert r.returncode == 0
     r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", afile)
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr and afile.read_text() == "x"
+
+
+# ---- 3: one run at a time; concurrent publishes
+
+
+@pytest.fixture(scope="module")
+def legal_run(tmp_path_factory):
+    """One finished legal smoke run (copied by the tests that change it)."""
+    run = tmp_path_factory.mktemp("legal") / "run"
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_two_runs_on_one_directory_one_is_refused_naming_the_other(tmp_path):
+    run = tmp_path / "run"
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen([*CLI, "run", str(RECIPES / "legal.yaml"), "--smoke", "--run-dir", str(run)], text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        import time
+
+        time.sleep(0.5)
+    outs = [(p.wait(600), *p.communicate()) for p in procs]
+    codes = sorted(o[0] for o in outs)
+    assert codes == [0, 2], [o[2][-1500:] for o in outs]
+    refused = next(o for o in outs if o[0] == 2)[2]
+    assert "another finetune command is writing this run (pid" in refused and "Traceback" not in refused
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "done" and all(s["status"] == "done" for s in manifest["stages"].values())
+    assert sorted(p.name for p in (run / "hub").iterdir() if p.name[0] != ".") == ["0001", "refs"]  # published once
+    assert (run / ".finetune.lock").read_text() == ""  # released, holder cleared
+
+
+def test_a_lock_left_by_a_dead_process_is_named_and_taken_over(legal_run, tmp_path):
+    run = copy_run(legal_run, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (run / ".finetune.lock").write_text(json.dumps({"pid": int(dead), "host": "h", "command": "finetune run x", "since": "t"}))
+    r = cli("eval", run, "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"pid {dead} on h, `finetune run x`, since t ended without releasing" in r.stderr
+
+
+def test_a_held_lock_refuses_every_writing_command(legal_run, tmp_path):
+    run = copy_run(legal_run, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from finetune.runlock import exclusive\n"
+                               f"with exclusive(Path({str(run)!r}), 'holder'):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["run", RECIPES / "legal.yaml", "--smoke", "--run-dir", run], ["publish", run, "--force"], ["eval", run, "--force"]):
+            r = cli(*args)
+            assert r.returncode == 2 and f"pid {holder.pid}" in r.stderr and "`holder`" in r.stderr, r.stderr[-1500:]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_concurrent_publishes_to_one_folder_both_complete(legal_run, tmp_path):
+    runs = [copy_run(legal_run, tmp_path / f"run{i}") for i in range(2)]
+    target = tmp_path / "onprem"
+    procs = [subprocess.Popen([*CLI, "publish", str(r), "--force", "--to", f"file://{target}"], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}) for r in runs]
+    outs = [(p.wait(300), p.communicate()[1]) for p in procs]
+    assert [o[0] for o in outs] == [0, 0], [o[1][-1500:] for o in outs]
+    assert sorted(p.name for p in target.iterdir() if p.name[0] != ".") == ["0001", "0002", "refs"]
+    for rev in ("0001", "0002"):
+        meta = json.loads((target / rev / ".revision.json").read_text())
+        assert "adapter_model.safetensors" in meta["files"] and (target / rev / "merged").is_dir()
+
+
+# ---- 4: nothing stale is published
+
+
+def test_publish_after_a_re_prepare_with_other_data_is_refused_naming_the_stage(legal_run, tmp_path):
+    run = copy_run(legal_run, tmp_path / "run")
+    r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "data.val_fraction=0.3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = sorted((run / "hub").iterdir())
+    for args in (["publish", run, "--force"], ["eval", run, "--force"], ["merge", RECIPES / "legal.yaml", "--smoke", "--run-dir", run,
+                                                                          "--set", "data.val_fraction=0.3", "--force", "merge"]):
+        r = cli(*args)
+        if args[0] == "merge":  # a stage command runs the stages before it: train reruns on the new data, so merge is current
+            assert r.returncode == 0, r.stderr[-2000:]
+            continue
+        assert r.returncode == 2 and "refused, what it would read or ship is out of date: train (changed since it ran" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    assert sorted((run / "hub").iterdir()) == before
+
+
+def test_another_recipe_prepared_into_the_run_blocks_publishing_the_old_adapter(legal_run, tmp_path):
+    run = copy_run(legal_run, tmp_path / "run")
+    r = cli("prepare", RECIPES / "math.yaml", "--smoke", "--run-dir", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("publish", run, "--force", "--to", f"file://{tmp_path / 'hub'}")
+    assert r.returncode == 2 and "out of date: train" in r.stderr and not (tmp_path / "hub").exists(), r.stderr[-2000:]
+
+
+# ---- 5: combinations validate --what and --to; refs/main never moves to a revision without weights
+
+
+def test_combination_publish_validates_options_and_needs_weights(tmp_path):
+    from finetune.errors import StageFailed
+    from finetune.publish import publish_file
+
+    combo = tmp_path / "combo"
+    combo.mkdir()
+    (combo / "merge_check.json").write_text(json.dumps({"kind": "adapter_combination"}))
+    for args, msg in ((["--what", "adaptr", "--to", f"file://{tmp_path / 'hub'}"], "--what 'adaptr': choose adapter, merged, or adapter,merged; did you mean 'adapter'?"),
+                      (["--to", "s3://bucket/x"], "--to 's3://bucket/x': must look like hf://ORG/NAME")):
+        r = cli("publish", combo, *args)
+        assert r.returncode == 2 and msg in r.stderr and "HF_TOKEN" not in r.stderr, r.stderr
+    assert not (tmp_path / "hub").exists()
+    hub = tmp_path / "hub2"
+    publish_file("x", lambda d: (d.mkdir(parents=True), (d / "model.safetensors").write_bytes(b"w"), ["model.safetensors"])[-1], f"file://{hub}")
+    with pytest.raises(StageFailed, match="nothing to publish holds weights"):
+        publish_file("x", lambda d: (d.mkdir(parents=True), (d / "README.md").write_text("card"), ["README.md"])[-1], f"file://{hub}")
+    assert (hub / "refs/main").read_text().strip() == "0001" and sorted(p.name for p in hub.iterdir()) == [".lock", "0001", "refs"]
+
+
+# ---- 6: a moved run directory; relative publish targets
+
+
+def test_a_moved_run_publishes_and_generates_where_it_now_is(legal_run, tmp_path):
+    moved = copy_run(legal_run, tmp_path / "elsewhere")
+    old_hub = legal_run / "hub"
+    before = sorted(p.name for p in old_hub.iterdir())
+    r = cli("publish", moved, "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in old_hub.iterdir()) == before  # the old location is not written
+    assert (moved / "hub/refs/main").read_text().strip() == "0002"
+    r = cli("generate", moved, "--prompt", "Is hearsay admissible?", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lock = json.loads((moved / "run.lock.json").read_text())
+    assert all(not Path(s["path"]).is_absolute() for s in lock["sources"] if "path" in s)
+    assert str(ROOT) not in (moved / "run.lock.json").read_text() and str(ROOT) not in (moved / "data/datacard.md").read_text()
+
+
+def test_a_relative_file_target_is_relative_to_the_recipe(tmp_path):
+    from finetune.recipe import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "r.yaml").write_text((RECIPES / "legal.yaml").read_text().replace("samples/", str(RECIPES / "samples") + "/"))
+    recipe, _ = load_recipe(folder / "r.yaml", ["publish.to=file://out/hub"])
+    assert recipe.publish.to == f"file://{(folder / 'out/hub').resolve()}"
