@@ -1,8 +1,10 @@
 """`finetune run`: the five stages in order, each skipped when already done with the same inputs.
 
-A stage's fingerprint hashes the recipe sections it reads and the hashes of the files it reads. It is skipped
-when the manifest has it done with that fingerprint and its outputs are intact; otherwise it runs, and every
-stage after it runs too (DESIGN.md). `force` names stages to rerun regardless.
+A stage's fingerprint hashes the recipe sections it reads and the hashes of the files it reads, the outputs of the
+stages before it included. It is skipped when the manifest has it done with that fingerprint and its outputs are
+intact; otherwise it runs. A stage after it reruns when what it reads changed, not merely because an earlier stage
+ran (DESIGN.md reran every later stage: a new eval then re-merged a 7B model for nothing). `force` names stages to
+rerun regardless.
 """
 
 from __future__ import annotations
@@ -168,14 +170,17 @@ def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, st
         base["id"] = "smoke"  # the stand-in's path may move with the run dir; its files are hashed below
     cpt_on = "cpt" in r.stages
     if stage == "prepare":
-        # Everything the build reads: sources, id lists, adapter option files, and the eval sets it decontaminates against.
-        paths = task_files(r.eval.tasks)
+        # Everything the build reads: sources, id lists, adapter option files, and the eval sets it decontaminates against
+        # (their rows, not how they are scored: a prompt file or few-shot split is the eval stage's business).
+        paths = [p for t in r.eval.tasks for p in (t.path, t.include_ids, t.exclude_ids) if p]
         sources = list(r.data.sources) + list(r.data.quality.decontaminate.against) + (list(r.cpt.sources) if cpt_on else [])
         for s in sources:
             paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
             paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
         src = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
-        sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump() for t in r.eval.tasks], "base_model": base,
+        from .tasks import DECONTAMINATION_FIELDS
+
+        sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump(include=DECONTAMINATION_FIELDS) for t in r.eval.tasks], "base_model": base,
                     "cpt": r.cpt.model_dump(include={"sources", "block_size", "val_fraction"}) if cpt_on else None, "seed": r.training.seed}
         return sections, {**src, **_base_inputs(ctx)}
     if stage == "cpt":
@@ -293,7 +298,7 @@ def _summary(result: Any) -> Any:
 TRAINING = ("cpt", "train")  # the stages every rank takes part in; rank 0 alone runs the others
 
 
-def _decide(ctx: Context, stage: str, cascade: bool) -> dict[str, Any]:
+def _decide(ctx: Context, stage: str) -> dict[str, Any]:
     """Rank 0's decision for a stage: skip it, or run it (resuming from which checkpoint, with which fingerprint)."""
     run = ctx.run
     sections, inputs = stage_inputs(ctx, stage)
@@ -301,7 +306,7 @@ def _decide(ctx: Context, stage: str, cascade: bool) -> dict[str, Any]:
     rec = run.stage_record(stage)
     done = (rec is not None and rec.get("status") == "done" and rec.get("fingerprint") == fp
             and run.outputs_intact(rec) and (stage != "publish" or _publish_target_present(ctx)))
-    if done and not cascade and stage not in ctx.force:
+    if done and stage not in ctx.force:
         return {"skip": True}
     parts = _parts(sections, inputs)
     return {"skip": False, "fp": fp, "parts": parts, "resume_from": resume_point(ctx, stage, rec, fp, parts)}
@@ -343,7 +348,6 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
     run = ctx.run
     main = distributed.is_main()
     outcome: dict[str, str] = {}
-    cascade = False
     decided: set[str] = set()
     for stage in stages:
         if stage not in active_stages(ctx.recipe):
@@ -351,7 +355,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
         decision, refused = None, None
         if main:
             try:
-                decision = _decide(ctx, stage, cascade)
+                decision = _decide(ctx, stage)
                 stale = [] if decision["skip"] else stale_upstream(ctx, stage, decided)
                 if stale:
                     raise StaleInputs(f"{stage}: refused, what it would read or ship is out of date: {'; '.join(stale)}. Rerun "
@@ -368,7 +372,6 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
             if on_event:
                 on_event(stage, "skipped")
             continue
-        cascade = True
         resume_from = decision["resume_from"]
         if main:
             run.update_stage(stage, status="running", fingerprint=decision["fp"], parts=decision["parts"], started=now(), ended=None,

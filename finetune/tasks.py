@@ -440,12 +440,17 @@ def _perplexity_items(task: EvalTask, rows, template: str, tok, system_prompt: s
     return items
 
 
+# What `task_texts` reads of a task: where its rows are and how they map. Only these go into the prepare stage's
+# fingerprint, so changing how a task is scored (max_samples, prompt, shots) does not rebuild the data and retrain.
+DECONTAMINATION_FIELDS = frozenset(set(Location.model_fields) - {"license"}) | {"name", "type", "fields", "choice_columns"}
+
+
 def task_texts(task: EvalTask, base_dir: Path) -> list[str]:
     """What a task asks and answers, for decontaminating the training data against it."""
     from data_prep.formats import content_texts, normalise
 
     out, instruction_rows = [], []
-    for _, row in _rows(task, task, base_dir, task.max_samples):
+    for _, row in _rows(task, task, base_dir, None):  # every item: whichever ones a run scores, none may be trained on
         if "output" in row or "messages" in row:
             instruction_rows.append(normalise({k: v for k, v in row.items() if k in ("instruction", "input", "output", "messages")}, "auto"))  # below: a task instruction shared by many rows is left out
             continue

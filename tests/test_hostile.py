@@ -262,3 +262,19 @@ def test_a_relative_file_target_is_relative_to_the_recipe(tmp_path):
     (folder / "r.yaml").write_text((RECIPES / "legal.yaml").read_text().replace("samples/", str(RECIPES / "samples") + "/"))
     recipe, _ = load_recipe(folder / "r.yaml", ["publish.to=file://out/hub"])
     assert recipe.publish.to == f"file://{(folder / 'out/hub').resolve()}"
+
+
+# ---- 17: a stage's fingerprint holds only what that stage reads
+
+
+def test_changing_how_a_task_is_scored_reruns_eval_only(legal_run, tmp_path):
+    run = copy_run(legal_run, tmp_path / "run")
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.max_samples=3",
+            "--set", "eval.tasks.0.num_fewshot=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = {line.split()[0]: line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] and line.split()[0] in
+            ("prepare", "train", "eval", "merge", "publish") and len(line.split()) == 2}
+    assert said == {"prepare": "skipped", "train": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}, r.stderr[-2000:]
+    # and a change to what decontamination reads (the task's rows) does rebuild the data
+    r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.limit=2")
+    assert r.returncode == 0 and "prepare  ran" in r.stderr, r.stderr[-2000:]
