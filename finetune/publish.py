@@ -64,17 +64,25 @@ def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[s
 
 
 def regressions(report: dict[str, Any], max_regression: float) -> list[str]:
-    """Tasks where the tuned model is worse than the base by more than `max_regression`: an absolute drop for scores
-    where higher is better (accuracy 0.62 -> 0.58 is 0.04), a relative rise for perplexity-like metrics (10.0 -> 10.5
-    is 0.05), so one threshold reads the same on both."""
+    """Tasks where the tuned model is worse than the base by more than `max_regression`, beyond doubt: the whole 95%
+    interval of the paired delta must lie past the threshold (one item of 20 wrong is noise, not a regression). The
+    threshold is an absolute drop for scores where higher is better (accuracy 0.62 -> 0.58 is 0.04) and a relative rise
+    for perplexity-like metrics (10.0 -> 10.5 is 0.05), so one number reads the same on both. A report without an
+    interval falls back to the point estimate."""
     out = []
     for t in report.get("tasks", []):
         if not t.get("tuned") or not t.get("base"):
             continue
         base, tuned = float(t["base"]["score"]), float(t["tuned"]["score"])
-        worse = base - tuned if t.get("higher_is_better", True) else (tuned - base) / max(abs(base), 1e-12)
-        if worse > max_regression:
-            out.append(f"{t['name']}: {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g} > {max_regression})")
+        higher = t.get("higher_is_better", True)
+        ci = t.get("delta_ci95") or [tuned - base, tuned - base]
+        scale = 1.0 if higher else max(abs(base), 1e-12)
+        # the smallest worsening the interval allows: for higher-is-better the delta's upper end, negated
+        surely_worse = (-float(ci[1]) if higher else float(ci[0])) / scale
+        if surely_worse > max_regression:
+            worse = (base - tuned) if higher else (tuned - base) / scale
+            out.append(f"{t['name']}: {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g}, and by at least "
+                       f"{surely_worse:.3g} > {max_regression} at 95% confidence; delta CI [{ci[0]:.3g}, {ci[1]:.3g}], n={t.get('n')})")
     return out
 
 

@@ -278,3 +278,23 @@ def test_changing_how_a_task_is_scored_reruns_eval_only(legal_run, tmp_path):
     # and a change to what decontamination reads (the task's rows) does rebuild the data
     r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.limit=2")
     assert r.returncode == 0 and "prepare  ran" in r.stderr, r.stderr[-2000:]
+
+
+# ---- 19: the regression gate reads the interval, not the point estimate
+
+
+def test_regression_gate_needs_the_whole_interval_past_the_threshold():
+    from finetune.publish import regressions
+
+    def report(base, tuned, ci, higher=True):
+        return {"tasks": [{"name": "t", "metric": "m", "n": 20, "higher_is_better": higher, "base": {"score": base},
+                           "tuned": {"score": tuned}, "delta_ci95": ci}]}
+
+    # the case: one item of 20 worse, delta -5 points [-15, 0]: noise, not a regression
+    assert regressions(report(0.60, 0.55, [-0.15, 0.0]), 0.02) == []
+    # the same point estimate with a tight interval is a regression
+    assert regressions(report(0.60, 0.55, [-0.07, -0.03]), 0.02)
+    assert regressions(report(0.60, 0.55, [-0.07, -0.03]), 0.03) == []  # at least 0.03 worse is not more than 0.03
+    # perplexity: relative, lower is better; the interval's lower end must be a rise beyond the threshold
+    assert regressions(report(10.0, 10.5, [-0.1, 1.1], higher=False), 0.02) == []
+    assert regressions(report(10.0, 10.5, [0.3, 0.7], higher=False), 0.02)

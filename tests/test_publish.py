@@ -124,18 +124,18 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
 
     def regress(report):
         t = report["tasks"][1]
-        t["base"]["score"], t["tuned"]["score"] = 0.60, 0.55
+        t["base"]["score"], t["tuned"]["score"], t["delta_ci95"] = 0.60, 0.55, [-0.08, -0.03]
 
     edit_json(run.eval / "report.json", regress)
     r = recipe_of(run, "publish.gate.max_regression=0.02")
-    with pytest.raises(PublishRefused, match=rf"regression on {task['name']}: .* 0.6 -> 0.55 \(worse by 0.05 > 0.02\)"):
+    with pytest.raises(PublishRefused, match=rf"regression on {task['name']}: .* 0.6 -> 0.55 \(worse by 0.05, and by at least 0.03 > 0.02"):
         publish(r, run, "m", smoke=True)
     assert publish(recipe_of(run, "publish.gate.max_regression=0.06"), run, "m", smoke=True)["files"]  # within the allowance
     # Perplexity: lower is better, compared relatively.
-    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(base={"score": 10.0, "ci95": [9, 11]}, tuned={"score": 10.5, "ci95": [9, 12]}))
+    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(base={"score": 10.0, "ci95": [9, 11]}, tuned={"score": 10.5, "ci95": [9, 12]}, delta_ci95=[0.45, 0.55]))
     with pytest.raises(PublishRefused, match=r"heldout: perplexity 10 -> 10.5 \(worse by 0.05"):
         publish(recipe_of(run, "publish.gate.max_regression=0.06", "publish.gate.max_regression=0.04"), run, "m", smoke=True)
-    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(tuned={"score": 9.0, "ci95": [8, 10]}))
+    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(tuned={"score": 9.0, "ci95": [8, 10]}, delta_ci95=[-1.2, -0.8]))
 
     # Licences: a commercial licence claimed over non-commercial data.
     edit_json(run.data / "provenance.json", lambda p: p["sources"][0].update(license="cc-by-nc-4.0"))
@@ -146,15 +146,19 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
 
     # PII flagged and kept.
     edit_json(run.data / "provenance.json", lambda p: p["quality"].update(pii={"action": "flag", "rows": 2, "findings": {"email": 2}}))
+    # as if prepare had written it: an edited output is refused as stale otherwise (test_hostile.py)
+    run.update_stage("prepare", outputs=run.describe_outputs([run.data]))
+    run.update_stage("eval", outputs=run.describe_outputs([run.eval]))
     runner = CliRunner()
     out = runner.invoke(app, ["publish", str(run.root), "--to", f"file://{tmp_path / 'pub'}"])
-    assert out.exit_code == 3 and "personal data: the PII scan flagged 2 training rows" in out.output and "--force" in out.output
+    assert out.exit_code == 3 and "personal data: the PII scan flagged 2 training rows" in out.output and "--force" in out.output, out.output
     assert latest_revision(tmp_path / "pub") is None  # nothing written
     out = runner.invoke(app, ["publish", str(run.root), "--to", f"file://{tmp_path / 'pub'}", "--force"])
     assert out.exit_code == 0, out.output
     assert latest_revision(tmp_path / "pub").name == "0001"
     # A merged model that failed its check: never, not even forced.
     edit_json(run.merge_check, lambda c: c.update(passed=False))
+    run.update_stage("merge", outputs=run.describe_outputs([run.merged, run.merge_check]))
     out = runner.invoke(app, ["publish", str(run.root), "--to", f"file://{tmp_path / 'pub'}", "--force"])
     assert out.exit_code == 3 and "never published" in out.output
 
