@@ -151,8 +151,9 @@ class GateSpec(Section):
     """What stops a publish (exit 3, nothing uploaded) unless `finetune publish RUN --force`."""
 
     max_regression: float | None = Field(
-        None, ge=0, description="Refuse when a task of the eval got worse than the base by more than this: an absolute drop of the "
-        "score where higher is better (0.02 = two accuracy points), a relative rise of perplexity (0.02 = 2%). null: no check.",
+        None, ge=0, description="Refuse when a task of the eval got worse than the base by more than this at 95% confidence (the "
+        "whole interval of the paired delta past it): an absolute drop of the score where higher is better (0.02 = two accuracy "
+        "points), a relative rise of perplexity (0.02 = 2%). null: no check.",
     )
     licence_conflicts: bool = Field(
         True, description="Refuse when `publish.license` claims more than the licences of the base model and the data allow "
