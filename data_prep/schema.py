@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class Section(BaseModel):
-    """Base of every schema section: unknown keys are errors, never silently dropped."""
+    """Base of every schema section: unknown keys are errors, never silently dropped; no number may be inf or NaN
+    (`learning_rate: .inf` passed `gt=0` and failed at the first step)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def did_you_mean(key: str, valid: list[str], aliases: dict[str, str] | None = None) -> str | None:

@@ -168,7 +168,11 @@ class DataSpec(Section):
     )
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rows held out for validation, chosen by content hash (stable across runs).")
     val_max: int | None = Field(1000, ge=1, description="Cap on validation rows, so evaluation stays quick on big sets.")
-    min_rows: int = Field(1, ge=1, description="Fewest usable training rows; fewer is an error (an empty dataset never trains).")
+    min_rows: int = Field(
+        16, ge=1, description="Fewest usable training rows after cleaning; fewer is an error naming what removed the rest. A "
+        "handful of rows teaches nothing and is memorised within a few steps (39 duplicates of 40 once trained 20 steps on one "
+        "row and published it); lower it on purpose for tiny experiments.",
+    )
 
 
 class BuildSpec(DataSpec):

@@ -90,6 +90,9 @@ def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir,
 
     ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
                                  resume=resume, allow_drift=allow_drift, show_example=show_example)
+    nodes, node_rank = (scale or {}).get("nodes") or ctx.recipe.distributed.nodes, (scale or {}).get("node_rank") or 0
+    if not node_rank < nodes:
+        raise UserError(f"--node-rank {node_rank}: node ranks run from 0 to --nodes - 1 ({nodes - 1}); this one would wait forever")
     import contextlib
 
     from .runlock import exclusive

@@ -97,6 +97,8 @@ def any_rank(flag: bool) -> bool:
 def launch_command(argv: list[str], gpus: int, nodes: int, node_rank: int, main_address: str | None, port: int) -> list[str]:
     """torchrun, re-running `finetune ARGV` (without --gpus) in each of the `gpus` processes of this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
+    if not 0 <= node_rank < nodes:  # torchrun would wait forever for a node that cannot exist
+        raise ValueError(f"--node-rank {node_rank}: node ranks run from 0 to nodes-1 ({nodes - 1})")
     if nodes > 1:
         if not main_address:
             raise ValueError("--nodes > 1 needs --main-address (the host of node rank 0)")

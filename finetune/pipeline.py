@@ -437,6 +437,12 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         from .smoke import smoke_recipe
 
         recipe = smoke_recipe(recipe, recipe_dir, run, overrides)
+    from .recipe import missing_files
+
+    gone = missing_files(recipe, recipe_dir)
+    if gone:
+        raise UserError(f"{recipe_path}: {len(gone)} file{'s' if len(gone) > 1 else ''} the recipe names "
+                        f"{'are' if len(gone) > 1 else 'is'} not there (paths are relative to the recipe file): " + "; ".join(gone[:5]))
     ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw, **options)
     return ctx, recipe.model_dump(mode="json")
 

@@ -79,9 +79,19 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any
     rejects = got.rejects
     train, c_train = encode_rows(train_rows, enc, recipe, rejects, tok.eos_token_id)
     val, c_val = encode_rows(val_rows, enc, recipe, rejects, tok.eos_token_id)
+    lost, total = len(train_rows) + len(val_rows) - len(train) - len(val), len(train_rows) + len(val_rows)
+    if total and lost / total > d.quality.max_reject_rate:  # `truncate` drops rows only here, after tokenising: same rule as `drop`
+        run.logs.mkdir(parents=True, exist_ok=True)
+        write_jsonl(run.logs / "prepare-rejects.jsonl", rejects)
+        raise DataError(f"data: {lost} of {total} rows could not be encoded within max_length {d.max_length} ({lost / total:.0%} > "
+                        f"quality.max_reject_rate {d.quality.max_reject_rate:.0%}; overlong: {d.overlong}). Raise max_length or "
+                        f"check the template. Rejected rows with reasons: {run.logs / 'prepare-rejects.jsonl'}")
     if len(train) < d.min_rows:
-        raise UserError(f"data: {len(train)} usable training rows, fewer than data.min_rows={d.min_rows} "
-                        f"({len(rejects)} rejected: see the reasons with `finetune data validate` on the source)")
+        removed = {k: sum(s["removed"].get(k, 0) for s in got.sources) for k in ("exact_duplicate", "near_duplicate", "contaminated", "invalid", "overlong")}
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in removed.items() if v) or "nothing removed: the sources are that small"
+        raise UserError(f"data: {len(train)} usable training rows, fewer than data.min_rows={d.min_rows} (of "
+                        f"{sum(s['rows_read'] for s in got.sources)} read: {why}; {len(val)} went to validation). Add data, or "
+                        "lower data.min_rows on purpose")
     stats = {"train": lengths([len(e["input_ids"]) for e in train]), "val": lengths([len(e["input_ids"]) for e in val]),
              "unit": "tokens", "tokenizer": "recipe tokenizer", "max_length": d.max_length}
     counts = {k: c_train[k] + c_val[k] for k in c_train}

@@ -28,6 +28,12 @@ Family = Literal["llama", "mistral", "mixtral", "falcon", "gpt_oss", "qwen2"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 
 
+def check_steps(v: int) -> int:
+    if v == 0 or v < -1:  # 0 once passed validation and failed at run time; transformers reads <= 0 as "use the epochs"
+        raise ValueError("give a number of optimizer steps (1 or more), or -1 to derive it from the epochs")
+    return v
+
+
 class BaseModelSpec(Section):
     """The model the specialist starts from."""
 
@@ -79,6 +85,12 @@ class TrainingSpec(Section):
 
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set (ignored when `max_steps` > 0).")
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return check_steps(v)
+
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
@@ -243,6 +255,12 @@ class CptSpec(Section):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (BioMistral CPT: 2e-5, cosine).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the packed stream (CPT corpora are usually seen once).")
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return check_steps(v)
+
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (BioMistral CPT: 0.01).")
 
 
@@ -305,6 +323,67 @@ class Recipe(Section):
 # Loading, overrides and error messages
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let PyYAML say what is wrong with it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice, on lines {first} and {key_node.start_mark.line + 1}: keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _recursive(obj: Any, seen: frozenset[int] = frozenset()) -> bool:
+    if isinstance(obj, (dict, list)):
+        if id(obj) in seen:
+            return True
+        inner = seen | {id(obj)}
+        return any(_recursive(v, inner) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return False
+
+
+def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
+    """Local files the recipe names that are not there, as `key.path: file` (so `validate` says so, not the run)."""
+    out = []
+
+    def check(where: str, value: str | None) -> None:
+        if not value:
+            return
+        p = resolve_path(recipe_dir, value)
+        if p.exists():
+            return
+        import difflib
+
+        near = difflib.get_close_matches(p.name, [q.name for q in p.parent.iterdir()] if p.parent.is_dir() else [], n=1)
+        out.append(f"{where}: {value}" + (f" (did you mean '{near[0]}'?)" if near else ""))
+
+    cpt_on = "cpt" in recipe.stages and recipe.cpt is not None
+    groups = [("data.sources", recipe.data.sources), ("data.quality.decontaminate.against", recipe.data.quality.decontaminate.against),
+              ("eval.tasks", recipe.eval.tasks), ("cpt.sources", recipe.cpt.sources if cpt_on else [])]
+    for name, items in groups:
+        for i, loc in enumerate(items):
+            for key in ("path", "include_ids", "exclude_ids", "prompt_file"):
+                check(f"{name}.{i}.{key}", getattr(loc, key, None))
+            for key, v in (getattr(loc, "options", None) or {}).items():
+                if key.endswith("_file") and isinstance(v, str):
+                    check(f"{name}.{i}.options.{key}", v)
+            few = getattr(loc, "fewshot", None)
+            if few is not None:
+                for key in ("path", "include_ids", "exclude_ids"):
+                    check(f"{name}.{i}.fewshot.{key}", getattr(few, key))
+    return out
+
+
 def _yaml_load(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -313,9 +392,12 @@ def _yaml_load(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read recipe ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    if _recursive(data):
+        raise UserError(f"{path}: a YAML alias refers to a mapping or list that contains it (a recursive `*alias`); "
+                        "a recipe must be a finite tree")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping (name:, base_model:, data: ...), got {type(data).__name__}")
     return data

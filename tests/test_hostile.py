@@ -298,3 +298,51 @@ def test_regression_gate_needs_the_whole_interval_past_the_threshold():
     # perplexity: relative, lower is better; the interval's lower end must be a rise beyond the threshold
     assert regressions(report(10.0, 10.5, [-0.1, 1.1], higher=False), 0.02) == []
     assert regressions(report(10.0, 10.5, [0.3, 0.7], higher=False), 0.02)
+
+
+# ---- 8: validate says what the run would fail on
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.sources=[{path: samples/legal.jsonn, license: mit}]"], "data.sources.0.path: samples/legal.jsonn (did you mean 'legal.jsonl'?)"),
+    (["training.learning_rate=inf"], "training.learning_rate: Input should be a finite number"),
+    (["training.max_steps=0"], "training.max_steps: give a number of optimizer steps (1 or more), or -1"),
+    (["eval.tasks.0.path=samples/nothere.tsv", "eval.tasks.0.hub=null"], "eval.tasks.0.path: samples/nothere.tsv"),
+])
+def test_validate_refuses_what_would_fail_at_run_time(sets, message):
+    r = cli("validate", RECIPES / "legal.yaml", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_duplicate_keys_and_recursive_aliases_are_refused(tmp_path):
+    text = (RECIPES / "legal.yaml").read_text()
+    (tmp_path / "dup.yaml").write_text(text.replace("\ndomain:", "\nname: other\ndomain:", 1))
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("name:"))
+    second = next(i for i, line in enumerate((tmp_path / "dup.yaml").read_text().splitlines(), 1) if line.startswith("name: other"))
+    r = cli("validate", tmp_path / "dup.yaml")
+    assert r.returncode == 2 and f"key 'name' is given twice, on lines {first} and {second}" in r.stderr, r.stderr
+    (tmp_path / "rec.yaml").write_text("name: x\nbase_model: &b\n  id: m\n  extra: *b\n")
+    r = cli("validate", tmp_path / "rec.yaml")
+    assert r.returncode == 2 and "recursive" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_one_row_after_cleaning_is_refused_with_the_reason(tmp_path):
+    rows = [{"instruction": "What is consideration in contract law?", "output": "Something of value exchanged."}] * 39
+    rows.append({"instruction": "Define tort.", "output": "A civil wrong."})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--set", f"data.sources=[{{path: {tmp_path / 'd.jsonl'}, license: mit}}]")
+    assert r.returncode == 2 and "fewer than data.min_rows=16" in r.stderr and "38 exact duplicate" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run/adapter").exists()
+
+
+def test_truncate_applies_the_reject_rate_like_drop(tmp_path):
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--set", "data.overlong=truncate",
+            "--set", "data.max_length=40", "--set", "data.quality.max_reject_rate=0.1")
+    assert r.returncode == 2 and "could not be encoded within max_length 40" in r.stderr and "overlong: truncate" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_node_rank_outside_the_nodes_is_refused_at_once(tmp_path):
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--gpus", "2", "--nodes", "2", "--node-rank", "5",
+            "--main-address", "127.0.0.1", timeout=60)
+    assert r.returncode == 2 and "--node-rank 5: node ranks run from 0 to --nodes - 1 (1)" in r.stderr
+    assert not (tmp_path / "run").exists()
