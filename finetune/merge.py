@@ -15,7 +15,6 @@ never ships it.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 

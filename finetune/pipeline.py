@@ -312,14 +312,18 @@ def _decide(ctx: Context, stage: str) -> dict[str, Any]:
     return {"skip": False, "fp": fp, "parts": parts, "resume_from": resume_point(ctx, stage, rec, fp, parts)}
 
 
+# The earlier stages whose outputs each stage reads (or ships): what must be current before it runs.
+READS = {"prepare": (), "cpt": ("prepare",), "train": ("prepare", "cpt"), "eval": ("prepare", "train"), "merge": ("prepare", "train"),
+         "publish": ("prepare", "cpt", "train", "eval", "merge")}
+
+
 def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:
     """The earlier stages whose outputs no longer match their inputs (a re-`prepare` with other data, another recipe
     prepared into this run, an edited adapter): what `stage` would read and ship is stale. Stages decided in this
     invocation are current by construction and are not hashed again."""
     run = ctx.run
-    active = active_stages(ctx.recipe)
     out = []
-    for up in active[: active.index(stage)]:
+    for up in [s for s in READS[stage] if s in active_stages(ctx.recipe)]:
         if up in decided:
             continue
         rec = run.stage_record(up)
@@ -453,14 +457,12 @@ def start(ctx: Context, resolved: dict[str, Any]) -> None:
     from . import distributed
 
     distributed.init()
-    if distributed.is_main():
-        ctx.run.claim()
-    else:
-        ctx.run.root.mkdir(parents=True, exist_ok=True)
-    setup_logging(ctx.run)
     if not distributed.is_main():
-        distributed.barrier()
+        distributed.barrier()  # rank 0 claims the folder first: nothing of ours may be in it before it checks
+        setup_logging(ctx.run)
         return
+    ctx.run.claim()
+    setup_logging(ctx.run)
     header = f"# Resolved recipe{' (--smoke)' if ctx.smoke else ''}, written by finetune {_versions().get('finetune', '')}; secrets redacted.\n"
     write_recipe(ctx.run, portable(redact(resolved), ctx.run.root), header)
     m = ctx.run.manifest()

@@ -46,6 +46,8 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[
     d["data"]["quality"]["decontaminate"]["against"] = []
     d["data"]["max_length"] = min(recipe.data.max_length, SMOKE_MAX_LENGTH)
     d["data"].update(val_fraction=0.15, val_max=16)
+    # Sample files hold 16 to 40 rows; a smoke run checks the pipeline, not the model. Still far from one row.
+    d["data"]["min_rows"] = min(recipe.data.min_rows, 8)
     d["training"].update(
         max_steps=SMOKE_STEPS,
         per_device_train_batch_size=4,

@@ -75,12 +75,11 @@ def test_sft_starts_from_the_cpt_adapter(cpt_run):
     from safetensors.torch import load_file
 
     from finetune.models import load_model
-    from finetune.recipe import load_recipe
     from finetune.run import RunDir
     from finetune.train import with_adapter
 
     d, _, _ = cpt_run
-    recipe, _ = load_recipe(d / "recipe.yaml")
+    recipe, _ = RunDir(d).load_recipe()
     model = with_adapter(load_model(recipe.base_model.id, recipe, quantized=False), recipe, RunDir(d), "sft")
     saved = load_file(str(d / "cpt/adapter_model.safetensors"))
     live = {k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}

@@ -20,6 +20,7 @@ from .conftest import ROOT
 
 def spec(**kw) -> BuildSpec:
     kw.setdefault("name", "t")
+    kw.setdefault("min_rows", 1)  # tiny test data; the default guards real builds
     return BuildSpec.model_validate(kw)
 
 
@@ -436,7 +437,7 @@ def test_data_build_counts_tokens_with_a_tokenizer(tmp_path):
     tok = build_tokenizer([json.dumps(r) for r in rows])
     tok.save_pretrained(tmp_path / "tok")
     limit = max(len(encode(tok, {**r, "input": ""}, "alpaca").input_ids) for r in rows[:12])
-    (tmp_path / "spec.yaml").write_text(f"name: t\nsources: [{{path: d.jsonl}}]\nmax_length: {limit}\nval_fraction: 0\n")
+    (tmp_path / "spec.yaml").write_text(f"name: t\nsources: [{{path: d.jsonl}}]\nmax_length: {limit}\nval_fraction: 0\nmin_rows: 1\n")
     out = subprocess.run([sys.executable, "-m", "finetune.cli", "data", "build", "spec.yaml", "--tokenizer", str(tmp_path / "tok"),
                           "--out", "out", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

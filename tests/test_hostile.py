@@ -331,7 +331,7 @@ def test_one_row_after_cleaning_is_refused_with_the_reason(tmp_path):
     rows.append({"instruction": "Define tort.", "output": "A civil wrong."})
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--set", f"data.sources=[{{path: {tmp_path / 'd.jsonl'}, license: mit}}]")
-    assert r.returncode == 2 and "fewer than data.min_rows=16" in r.stderr and "38 exact duplicate" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "fewer than data.min_rows=8" in r.stderr and "38 exact duplicate" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run/adapter").exists()
 
 

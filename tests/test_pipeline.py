@@ -51,7 +51,8 @@ def test_changed_training_reruns_train_and_later_only(legal_run, tmp_path):
 def test_force_and_damaged_outputs_rerun(legal_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(legal_run, d)
-    assert go(d, force=["eval"]) == {"prepare": "skipped", "train": "skipped", "eval": "ran", "merge": "ran", "publish": "ran"}
+    # merge does not read eval's outputs: it stays (a forced eval used to re-merge the model for nothing)
+    assert go(d, force=["eval"]) == {"prepare": "skipped", "train": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}
     (d / "adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
     assert go(d)["train"] == "ran"
     shutil.rmtree(d / "hub")  # the published copy went missing: publish again
@@ -105,7 +106,7 @@ def test_rejects_are_counted_with_row_numbers(tmp_path):
     data = tmp_path / "d.jsonl"
     good = [json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(8)]
     data.write_text("\n".join(good[:4] + ['{"instruction": 3, "output": "x"}', good[0], "{oops"] + good[4:]) + "\n")
-    r, _ = load_recipe(RECIPES / "legal.yaml", [*local(f"{data}"), "data.quality.max_reject_rate=0.2"])
+    r, _ = load_recipe(RECIPES / "legal.yaml", [*local(f"{data}"), "data.quality.max_reject_rate=0.2", "data.min_rows=1"])
     stats = prepare(r, tmp_path, RunDir(tmp_path / "run"), tok)
     rejects = [json.loads(l) for l in (tmp_path / "run/data/rejects.jsonl").read_text().splitlines()]
     assert sorted((x["row"], x["filter"], x["reason"].split(" ")[0]) for x in rejects) == [
@@ -122,7 +123,6 @@ def test_qlora_step_and_verified_merge_for_every_family(family, tmp_path):
 
     from finetune.merge import probe_batch
     from finetune.models import load_model
-    from finetune.recipe import load_recipe
 
     out = go(tmp_path, f"base_model.family={family}", "merge.dtype=float32", "training.max_steps=6", stages=("prepare", "train", "merge"))
     assert out == {"prepare": "ran", "train": "ran", "merge": "ran"}
@@ -130,7 +130,7 @@ def test_qlora_step_and_verified_merge_for_every_family(family, tmp_path):
     assert summary["quantization"]["share_of_block_matmul_weights"] == 1.0
     metrics = [m for m in map(json.loads, (tmp_path / "logs/metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert len(metrics) >= 6 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    r, _ = load_recipe(tmp_path / "recipe.yaml")
+    r, _ = RunDir(tmp_path).load_recipe()
     ids, mask, _ = probe_batch(RunDir(tmp_path), 3, 0)
     base = load_model(r.base_model.id, r, quantized=False, dtype=torch.float32)
     with torch.no_grad():

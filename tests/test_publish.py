@@ -14,7 +14,6 @@ import pytest
 from finetune.card import front_matter
 from finetune.errors import PublishRefused
 from finetune.publish import PushFailed, latest_revision, publish
-from finetune.recipe import load_recipe
 from finetune.run import RunDir
 
 from .mock_hub import MockHub
@@ -35,7 +34,7 @@ def fresh(legal, tmp_path):
 
 def recipe_of(run: RunDir, *sets):
     """The run's recipe, publishing into the copy (the resolved recipe names the original run's hub folder)."""
-    return load_recipe(run.recipe, [f"publish.to=file://{run.root / 'hub'}", *sets])[0]
+    return run.load_recipe([f"publish.to=file://{run.root / 'hub'}", *sets])[0]
 
 
 def local_files(run: RunDir) -> dict[str, bytes]:

@@ -327,11 +327,10 @@ def test_preflight_runs_before_training_and_in_validate(prepared, tmp_path):
     rows[0]["labels"][-1] = -100
     (d / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from finetune.train import train
-    from finetune.recipe import load_recipe
     from finetune.run import RunDir
 
     with pytest.raises(PreflightError, match="eos"):
-        train(load_recipe(d / "recipe.yaml")[0], RunDir(d))
+        train(RunDir(d).load_recipe()[0], RunDir(d))
     out = CliRunner().invoke(app, ["validate", str(RECIPES / "math.yaml"), "--smoke", "--preflight"])
     assert out.exit_code == 0 and "preflight:" in out.output and "passed" in out.output, out.output
 
@@ -351,7 +350,7 @@ def test_overlong_policy_counts_and_truncation_keeps_the_eos(tmp_path, policy):
     rows = [{"instruction": f"question {i}", "output": "answer " * (3 if i % 4 else 200)} for i in range(20)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sets = [f"data.sources=[{{path: '{data}', format: alpaca}}]", "eval.tasks=[]", "data.max_length=200", f"data.overlong={policy}",
-            "data.quality.max_reject_rate=0.5", "data.quality.dedupe=none"]
+            "data.quality.max_reject_rate=0.5", "data.quality.dedupe=none", "data.min_rows=1"]
     r, _ = load_recipe(RECIPES / "legal.yaml", sets)
     if policy == "error":
         with pytest.raises(DataError, match=r"row 1: \d+ tokens > max_length 200 \(overlong: error\)"):
