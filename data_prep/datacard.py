@@ -66,6 +66,7 @@ def histogram(path: Path, stats: dict[str, Any], title: str) -> None:
     ax.set_ylabel("rows")
     ax.set_title(title)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 

@@ -15,17 +15,23 @@ from .errors import UserError
 from .run import RunDir
 
 
+def check_run(run_dir: Path) -> RunDir:
+    """A run directory with a trained adapter, or one clear message (cheap: no torch)."""
+    run = RunDir(run_dir)
+    if not run.recipe.exists() or not run.manifest_path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: no trained adapter yet (run `finetune run RECIPE` or `finetune train RECIPE` first)")
+    return run
+
+
 def load_run_model(run_dir: Path):
     """(model, tokenizer, recipe) of a finished run: base + RUN/adapter."""
     from peft import PeftModel
 
     from .models import load_model, load_tokenizer
 
-    run = RunDir(run_dir)
-    if not run.recipe.exists():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    if not (run.adapter / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir}: no trained adapter yet (run `finetune run RECIPE` or `finetune train RECIPE` first)")
+    run = check_run(run_dir)
     recipe, _ = run.load_recipe()
     tok = load_tokenizer(recipe.base_model.id, recipe)
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
@@ -83,10 +89,43 @@ def generate(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float
     return answer
 
 
-def chat(run_dir: Path, max_new_tokens: int, temperature: float, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """Read a line, answer it, keep the conversation; `/reset` forgets it, `/exit` or end of input leaves. Returns turns taken."""
-    model, tok, recipe = load_run_model(run_dir)
-    out.write(f"{recipe.name} ({recipe.domain}, template {recipe.data.template}). /reset forgets the conversation, /exit leaves.\n")
+HELP = ("/help     this list\n"
+        "/reset    forget the conversation (the model sees only what follows)\n"
+        "/exit     leave (also /quit, or Ctrl-D)\n"
+        "Ctrl-C    stop the answer being written; at the prompt, leave\n"
+        "Any other line is sent to the model. Lines starting with / are commands, never sent.")
+
+
+def read_line(inp: TextIO, out: TextIO, prompt: str = "> ") -> str | None:
+    """One line from the user; None at end of input. On a terminal, `input()` with readline gives line editing and
+    history (arrow keys instead of ^[[A); from a pipe or file, a plain read."""
+    if inp is sys.stdin and sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (imported for its side effect: input() gains editing and history)
+        except ImportError:  # Windows without pyreadline
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            out.write("\n")
+            return None
+    out.write(prompt)
+    out.flush()
+    line = inp.readline()
+    if not line:
+        out.write("\n")
+        return None
+    return line
+
+
+def chat(run_dir: Path, max_new_tokens: int, temperature: float, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
+         loaded=None, streamer=None) -> int:
+    """Read a line, answer it, keep the conversation. Commands (/help, /reset, /exit) are never sent to the model;
+    Ctrl-C while an answer is written stops that answer (what was written is kept as the turn) and the conversation
+    goes on; Ctrl-C at the prompt or end of input leaves. Returns the turns taken."""
+    model, tok, recipe = loaded or load_run_model(run_dir)
+    streamer = streamer or stream
+    out.write(f"{recipe.name} ({recipe.domain}, template {recipe.data.template}). /help lists the commands.\n")
     turns: list[dict[str, str]] = []
     taken = 0
 
@@ -95,22 +134,43 @@ def chat(run_dir: Path, max_new_tokens: int, temperature: float, inp: TextIO = s
         out.flush()
 
     while True:
-        out.write("> ")
-        out.flush()
-        line = inp.readline()
-        if not line:
+        try:
+            line = read_line(inp, out)
+        except KeyboardInterrupt:
             out.write("\n")
             return taken
-        line = line.strip()
-        if line in ("/exit", "/quit"):
+        if line is None:
             return taken
-        if line == "/reset":
-            turns = []
-            continue
+        line = line.strip()
         if not line:
             continue
+        if line.startswith("/"):
+            cmd = line.split()[0].lower()
+            if cmd in ("/exit", "/quit"):
+                return taken
+            if cmd == "/reset":
+                turns = []
+                out.write("(conversation cleared)\n")
+            elif cmd in ("/help", "/?"):
+                out.write(HELP + "\n")
+            else:
+                import difflib
+
+                close = difflib.get_close_matches(cmd, ["/help", "/reset", "/exit", "/quit"], n=1)
+                out.write(f"(unknown command {cmd}" + (f"; did you mean {close[0]}?" if close else "") + " /help lists them)\n")
+            continue
         turns.append({"role": "user", "content": line})
-        answer = stream(model, tok, render(recipe, tok, turns), max_new_tokens, temperature, write)
+        pieces: list[str] = []
+
+        def keep(text: str) -> None:
+            pieces.append(text)
+            write(text)
+
+        try:
+            answer = streamer(model, tok, render(recipe, tok, turns), max_new_tokens, temperature, keep)
+        except KeyboardInterrupt:
+            answer = "".join(pieces)
+            out.write(" [stopped]")
         out.write("\n")
         turns.append({"role": "assistant", "content": answer.strip()})
         taken += 1

@@ -5,6 +5,7 @@ Exit codes (DESIGN.md): 0 success; 1 runtime failure; 2 bad usage, recipe or dat
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,33 +38,83 @@ ShowOpt = Annotated[bool, typer.Option("--show-example", help="Print the text of
                                        "(redacted to token counts otherwise: training data may be confidential).")]
 
 
-def _fail(e: BaseException, code: int) -> None:
+def _fail(e: BaseException | str, code: int) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    _traceback_if_debug()
     raise typer.Exit(code)
 
 
+def _traceback_if_debug() -> None:
+    if os.environ.get("FINETUNE_DEBUG") == "1" and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+
+
+def _log_file(message: str) -> str | None:
+    """Write to the run's log file only (not the terminal); return its path, if a run log is open."""
+    logger = logging.getLogger("finetune")
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        logger.error(message, extra={"file_only": True})
+        return files[0].baseFilename
+    return None
+
+
+# errno -> (what to say, exit code). A path problem the user can fix is bad usage (2); the machine failing is 1.
+OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space, or use a run directory on a larger disk, then run the same "
+                   "command again: finished stages are kept", 1),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota, then run the same command again", 1),
+    errno.EACCES: ("permission denied", "choose a folder you can write to (--run-dir, --out, --to), or fix its permissions", 2),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to (--run-dir, --out, --to)", 2),
+    errno.EROFS: ("read-only file system", "choose a folder on a writable file system (--run-dir, --out, --to)", 2),
+    errno.ENOTDIR: ("a file stands where a folder is needed", "give a folder path", 2),
+    errno.EISDIR: ("a folder stands where a file is needed", "give a file path", 2),
+    errno.ENOENT: ("no such file or folder", "check the path", 2),
+    errno.EEXIST: ("already exists", "give a new path", 2),
+}
+
+
 def _guard(fn):
-    """Map our exceptions to exit codes with one clear message; anything else is a bug: exit 1 with a traceback in
-    the run log (when there is one) and on stderr."""
+    """Map failures to exit codes with one line each. Ours (UserError, DataError, ...) carry their code; an OSError
+    names its path and what to do; anything else is a bug: one line here, the traceback in RUN/logs/run.log (and on
+    the terminal with `finetune --debug ...`)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (UserError, DataError, PublishRefused, StageFailed, Preempted) as e:
-            _fail(e, e.exit_code)
+        except Preempted as e:  # a clean stop, not an error
+            typer.secho(f"stopped: {e}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(e.exit_code) from None
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            typer.secho("interrupted", fg=typer.colors.RED, err=True)
-            raise typer.Exit(130)
-        except Exception as e:
-            logging.getLogger("finetune").error("failed: %s\n%s", e, traceback.format_exc())
-            traceback.print_exc()
-            _fail(e, 1)
+            typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+        except (UserError, DataError, PublishRefused, StageFailed) as e:
+            _fail(e, e.exit_code)
+        except OSError as e:
+            what, todo, code = OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "", 1))
+            where = f"{e.filename}: " if e.filename else ""
+            logged = _log_file(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            _fail(f"{where}{what}" + (f"; {todo}" if todo else "") + (f" (details in {logged})" if logged and code == 1 else ""), code)
+        except Exception as e:  # noqa: BLE001
+            code = getattr(e, "exit_code", None)
+            if isinstance(code, int):  # our libraries' own errors (TeacherError ...)
+                _fail(e, code)
+            logged = _log_file(f"failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            first = (str(e).splitlines() or [""])[0][:300]
+            _fail(f"{type(e).__name__}: {first} (unexpected: the traceback is in {logged or 'the output of `finetune --debug ...`'}; "
+                  "please report it)", 1)
 
     return wrapper
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of a failure (it is always in RUN/logs/run.log).")] = False) -> None:
+    if debug:
+        os.environ["FINETUNE_DEBUG"] = "1"
 
 
 def _quiet_libraries() -> None:
@@ -219,8 +270,9 @@ def merge(recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML: me
             ws = [float(w) for w in weights.split(",")] if weights else None
         except ValueError:
             raise UserError(f"--weights {weights!r}: numbers separated by commas, e.g. 0.6,0.4") from None
-        from .combine import combine
+        from .combine import check_inputs, combine
 
+        check_inputs(base, paths, method, ws or [1.0 / len(paths)] * len(paths))  # every argument checked before torch loads
         _quiet_libraries()
         combine(base, paths, method, ws, density, out, seed, fold)
         typer.echo(str(out))
@@ -273,8 +325,9 @@ def generate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
              prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
              max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
     """Answer one prompt with the tuned model, streaming the output."""
-    from .chat import generate as run_generate
+    from .chat import check_run, generate as run_generate
 
+    check_run(run_dir)  # before torch and transformers load (seconds)
     _quiet_libraries()
     run_generate(run_dir, prompt, max_new_tokens, temperature)
 
@@ -283,9 +336,10 @@ def generate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
 @_guard
 def chat(run_dir: Annotated[Path, typer.Argument(help="A run directory with a trained adapter.")],
          max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
-    """Talk to the tuned model in the recipe's own template (/reset, /exit)."""
-    from .chat import chat as run_chat
+    """Talk to the tuned model in the recipe's own template (/help, /reset, /exit; Ctrl-C stops an answer)."""
+    from .chat import chat as run_chat, check_run
 
+    check_run(run_dir)
     _quiet_libraries()
     run_chat(run_dir, max_new_tokens, temperature)
 

@@ -80,6 +80,7 @@ def setup_logging(run: RunDir) -> None:
     sh.setFormatter(logging.Formatter("[finetune] %(message)s" if rank() == 0 else f"[finetune rank {rank()}] %(message)s"))
     if rank() != 0:
         sh.setLevel(logging.WARNING)  # the other ranks' INFO lines repeat rank 0's; they stay in logs/run.rankN.log
+    sh.addFilter(lambda record: not getattr(record, "file_only", False))  # tracebacks and details: the log file only
     for h in (fh, sh):
         h._finetune = True  # type: ignore[attr-defined]
         h.addFilter(RedactSecrets())
@@ -398,8 +399,11 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
             status = ("preempted" if isinstance(error, (Preempted, KeyboardInterrupt)) else
                       "refused" if isinstance(error, PublishRefused) else "failed")
             if main:
-                run.update_stage(stage, status=status, ended=now(), error=f"{type(error).__name__}: {error}"[:2000])
-                _set_status(run, status)
+                try:
+                    run.update_stage(stage, status=status, ended=now(), error=f"{type(error).__name__}: {error}"[:2000])
+                    _set_status(run, status)
+                except OSError as e:  # a full disk fails this write too: the stage's own error is the one to report
+                    log.error("%s: could not record the failure in %s (%s)", stage, run.manifest_path, e, extra={"file_only": True})
             raise error
         if main:
             run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),

@@ -96,9 +96,10 @@ def _corpus(sample_files: list[Path]) -> list[str]:
 
     texts = [ALPACA_PROMPT, ALPACA_PROMPT_INPUT]
     for path in sample_files:
-        if not path.exists():
+        if not path.is_file():  # a folder or a missing file: the data build says what is wrong with it
             continue
-        for line in jsonl_lines(path.read_text(encoding="utf-8")):
+        # undecodable bytes only weaken the stand-in's vocabulary; the build rejects those rows with their row numbers
+        for line in jsonl_lines(path.read_bytes().decode("utf-8", errors="replace")):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -346,3 +346,114 @@ def test_a_node_rank_outside_the_nodes_is_refused_at_once(tmp_path):
             "--main-address", "127.0.0.1", timeout=60)
     assert r.returncode == 2 and "--node-rank 5: node ranks run from 0 to --nodes - 1 (1)" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---- 7: one line a person can act on; the traceback only with --debug or in the log
+
+
+def test_a_read_only_run_dir_and_a_full_disk_say_one_line(legal_run, tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root writes through permissions: a read-only bind is not available here, so simulate EROFS
+        pass
+    run = copy_run(legal_run, tmp_path / "run")
+    # the disk fills while eval writes: one line naming the path, exit 1, the manifest write does not hide it
+    script = ("import errno, sys\nfrom finetune import harness\n"
+              "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', str(a[0]))\n"
+              "harness.write_report = full\nimport finetune.evaluate as ev; ev.write_report = full\n"
+              "from finetune.cli import main\nsys.argv = ['finetune', 'eval', sys.argv[1], '--force']\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "no space left on the device; free space" in err[0] and "details in" in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "Traceback" in (run / "logs/run.log").read_text()  # kept for whoever debugs it
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["status"] == "failed" and "No space left" in manifest["stages"]["eval"]["error"]
+
+
+def test_permission_errors_name_the_path_and_debug_prints_the_traceback(tmp_path):
+    script = ("import errno, sys\nimport finetune.pipeline as p\n"
+              "def ro(self): raise PermissionError(errno.EROFS, 'Read-only file system', str(self.root))\n"
+              "p.RunDir.claim = ro\nfrom finetune.cli import main\nsys.argv = ['finetune', *sys.argv[1:]]\nmain()\n")
+    for debug in ([], ["--debug"]):
+        r = subprocess.run([sys.executable, "-c", script, *debug, "prepare", str(RECIPES / "legal.yaml"), "--smoke", "--run-dir",
+                            str(tmp_path / "ro")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 2 and f"error: {tmp_path / 'ro'}: read-only file system; choose a folder" in r.stderr, r.stderr[-2000:]
+        assert ("Traceback" in r.stderr) == bool(debug)
+
+
+def test_unexpected_errors_print_one_line_and_smoke_reads_odd_sample_files(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "bin.jsonl").write_bytes(bytes(range(256)) * 4)
+    (samples / "latin.jsonl").write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1") * 30)
+    (samples / "folder.jsonl").mkdir()
+    for name in ("bin.jsonl", "latin.jsonl", "folder.jsonl"):
+        r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / f"run-{name}", "--set", f"samples.data={samples / name}")
+        assert r.returncode == 2, (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and len([l for l in r.stderr.splitlines() if l.startswith("error:")]) == 1, r.stderr[-2000:]
+
+
+def test_teacher_unreachable_and_png_into_a_new_folder(tmp_path, shared_datasets):
+    r = cli("data", "synth", "self-instruct", "--seeds", shared_datasets / "alpaca/seed_tasks.jsonl", "--teacher", "http://127.0.0.1:9/v1",
+            "--model", "m", "--out", tmp_path / "s.jsonl", "--num", "1", "--retries", "0", timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Connection refused" in r.stderr, r.stderr[-2000:]
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = cli("data", "stats", tmp_path / "d.jsonl", "--png", tmp_path / "new/folder/h.png")
+    assert r.returncode == 0 and (tmp_path / "new/folder/h.png").read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
+
+
+# ---- 9: blame the right place; fail fast
+
+
+def test_bad_set_and_to_name_the_option_not_the_recipe(legal_run, tmp_path):
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "r", "--set", "training.learning_rate=fast")
+    assert r.returncode == 2 and "--set: invalid value" in r.stderr and "[from --set training.learning_rate=fast]" in r.stderr, r.stderr
+    r = cli("publish", legal_run, "--to", "ftp://x")
+    assert r.returncode == 2 and "--to 'ftp://x'" in r.stderr and "recipe.yaml" not in r.stderr, r.stderr
+
+
+def test_generate_chat_and_merge_check_arguments_before_loading_torch(tmp_path):
+    probe = ("import sys, runpy\nsys.argv = ['finetune', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('finetune.cli', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n    raise\n")
+    (tmp_path / "a").mkdir()
+    for args, msg in ((["generate", tmp_path, "--prompt", "x"], "not a run directory"), (["chat", tmp_path], "not a run directory"),
+                      (["merge", "--base", "m", "--adapters", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--weights", "1", "--out", tmp_path / "o"],
+                       "--weights: 1 weights for 2 adapters")):
+        r = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.strip().endswith("NO-TORCH"), r.stderr[-1500:]
+
+
+# ---- 14: chat
+
+
+def test_chat_commands_are_never_sent_and_ctrl_c_stops_only_the_answer():
+    import io
+
+    from finetune.chat import chat
+
+    class Recipe:
+        name, domain = "r", "legal"
+
+        class data:
+            template, system_prompt = "alpaca", None
+
+    sent = []
+
+    def streamer(model, tok, prompt, max_new, temp, write):
+        sent.append(prompt)
+        write("partial")
+        if len(sent) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first answer
+        write(" answer")
+        return "partial answer"
+
+    out = io.StringIO()
+    taken = chat(None, 8, 0.0, inp=io.StringIO("/help\nfirst\n/reset\n/hepl\nsecond\n/exit\nnever\n"), out=out,
+                 loaded=(None, None, Recipe()), streamer=streamer)
+    text = out.getvalue()
+    assert taken == 2 and len(sent) == 2  # /help, /reset, /hepl never reached the model; the session went on after Ctrl-C
+    assert "/reset    forget the conversation" in text and "(conversation cleared)" in text and "partial [stopped]" in text
+    assert "unknown command /hepl; did you mean /help?" in text
+    assert "first" not in sent[1]  # /reset forgot the first turn
