@@ -22,14 +22,39 @@ from .errors import PublishRefused, StageFailed, UserError
 from .preempt import Preempted
 from .run import STAGES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+def _plain_types() -> None:
+    """typer 0.29 prints each option's Python type in help (`--set <list[str]>`, `--smoke <bool>`) and, with rich markup
+    on, eats `[cpt, sft]` from docstrings as a style tag. Show click's plain metavars (PATH, N, TEXT, or the option's
+    own metavar) and no markup instead."""
+    import typer.core as core
+
+    def display_type(self, ctx):
+        if isinstance(self, core.TyperArgument):
+            return None  # an argument is shown by its name (RECIPE), not twice
+        desc = self.type_descriptor
+        if desc.is_path:
+            return "PATH"
+        element = desc.annotation if not desc.is_list else (getattr(desc.annotation, "__args__", (str,)) or (str,))[0]
+        return {int: "N", float: "NUMBER"}.get(element, "TEXT")
+
+    def usage_name(self) -> str:  # `finetune cpt RECIPE`, as click and the README write it (typer: `{recipe}`)
+        name = self.display_name_raw.strip("[]")
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    core._TyperParameter.display_type = display_type
+    core.TyperArgument._usage_display_name = usage_name
+
+
+_plain_types()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a YAML recipe into a published domain specialist: prepare, train, eval, merge, publish.")
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see `finetune schema`).")]
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file (see `finetune schema`).")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Tiny stand-in model and sample data: the whole pipeline on a CPU in minutes, offline.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<name>/, runs/<name>-smoke/ with --smoke).")]
-ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", metavar="DIR", help="Run directory (default runs/<name>/, runs/<name>-smoke/ with --smoke).")]
+ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", metavar="STAGE", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip stages done with the same inputs and continue an interrupted "
                                          "training from its newest complete checkpoint (default); --no-resume starts training over.")]
 DriftOpt = Annotated[bool, typer.Option("--allow-drift", help="Resume a training whose recipe or data changed since its checkpoint "
@@ -214,7 +239,7 @@ def _relaunch(ctx, argv: list[str], gpus: int, nodes: int, node_rank: int, main_
 GpusOpt = Annotated[Optional[int], typer.Option("--gpus", min=1, help="Processes on this machine, one per GPU (CPU processes over gloo without CUDA).")]
 NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Machines taking part (run the same command on each).")]
 NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="This machine's rank, 0 to nodes-1.")]
-MainOpt = Annotated[Optional[str], typer.Option("--main-address", help="Host of node rank 0 (multi-node).")]
+MainOpt = Annotated[Optional[str], typer.Option("--main-address", metavar="HOST", help="Host of node rank 0 (multi-node).")]
 
 
 @app.command()
@@ -240,18 +265,22 @@ def _stage_command(stage: str, doc: str):
     app.command(name=stage)(_guard(command))
 
 
-_stage_command("prepare", "Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md.")
+@app.command(name="prepare")
+@_guard
+def prepare_(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
+    """Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md."""
+    _run(recipe, STAGES[:1], smoke, set_, run_dir, force)
 _stage_command("train", "Train the adapter (runs prepare first if it is not done).")
 
 
 @app.command()
 @_guard
-def merge(recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
+def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
           smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
-          base: Annotated[Optional[str], typer.Option("--base", help="Without a recipe: the base model the adapters were trained on.")] = None,
-          adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help="Adapter folders to combine (repeat, or comma-separated).")] = None,
-          method: Annotated[str, typer.Option("--method", help="linear, ties, dare_ties, dare_linear or cat.")] = "linear",
-          weights: Annotated[Optional[str], typer.Option("--weights", help="One weight per adapter, comma-separated (default: equal, summing to 1).")] = None,
+          base: Annotated[Optional[str], typer.Option("--base", metavar="MODEL", help="Without a recipe: the base model the adapters were trained on.")] = None,
+          adapters: Annotated[Optional[list[str]], typer.Option("--adapters", metavar="DIR[,DIR...]", help="Adapter folders to combine (repeat, or comma-separated).")] = None,
+          method: Annotated[str, typer.Option("--method", metavar="METHOD", help="linear, ties, dare_ties, dare_linear or cat.")] = "linear",
+          weights: Annotated[Optional[str], typer.Option("--weights", metavar="W[,W...]", help="One weight per adapter, comma-separated (default: equal, summing to 1).")] = None,
           density: Annotated[float, typer.Option("--density", help="ties/dare: share of each adapter's weights kept.")] = 0.5,
           seed: Annotated[int, typer.Option("--seed", help="dare: seed of the random drop.")] = 0,
           fold: Annotated[bool, typer.Option("--fold", help="Also fold the combination into the base: OUT/merged/, verified.")] = False,
@@ -292,7 +321,7 @@ def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", hel
           tasks: Annotated[Optional[Path], typer.Option("--tasks", help="Task file (YAML, `tasks: [...]`); default for a run: the recipe's eval.")] = None,
           adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder: the report then has base and tuned side by side.")] = None,
           out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default RUN/eval-<tasks> or ./eval-<model>).")] = None,
-          template: Annotated[Optional[str], typer.Option("--template", help="Force every task's template: raw, alpaca or chat.")] = None,
+          template: Annotated[Optional[str], typer.Option("--template", metavar="raw|alpaca|chat", help="Force every task's template: raw, alpaca or chat.")] = None,
           batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
           max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score at most N items per task (quick runs).")] = None,
           bits: Annotated[int, typer.Option("--bits", help="Load a plain model in 16 bits, or 4/8 through bitsandbytes.")] = 16,
@@ -321,7 +350,7 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = gree
 
 @app.command()
 @_guard
-def generate(run_dir: Annotated[Path, typer.Argument(help="A run directory with a trained adapter.")],
+def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
              prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
              max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
     """Answer one prompt with the tuned model, streaming the output."""
@@ -334,7 +363,7 @@ def generate(run_dir: Annotated[Path, typer.Argument(help="A run directory with 
 
 @app.command()
 @_guard
-def chat(run_dir: Annotated[Path, typer.Argument(help="A run directory with a trained adapter.")],
+def chat(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
          max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
     """Talk to the tuned model in the recipe's own template (/help, /reset, /exit; Ctrl-C stops an answer)."""
     from .chat import chat as run_chat, check_run
@@ -346,9 +375,9 @@ def chat(run_dir: Annotated[Path, typer.Argument(help="A run directory with a tr
 
 @app.command()
 @_guard
-def publish(run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-            to: Annotated[Optional[str], typer.Option("--to", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
-            what: Annotated[Optional[str], typer.Option("--what", help="adapter, merged, or adapter,merged.")] = None,
+def publish(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished run directory, or the output of `finetune merge --adapters`.")],
+            to: Annotated[Optional[str], typer.Option("--to", metavar="URL", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
+            what: Annotated[Optional[str], typer.Option("--what", metavar="adapter,merged", help="adapter, merged, or adapter,merged.")] = None,
             private: Annotated[Optional[bool], typer.Option("--private/--public", help="Hub repository visibility.")] = None,
             force: Annotated[bool, typer.Option("--force", help="Publish again even if done, and even when a gate (regression, "
                                                 "licence, PII) refuses.")] = False) -> None:
@@ -452,8 +481,7 @@ def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None,
 
         _quiet_libraries()
         start(ctx, resolved)  # under --smoke this builds the stand-in model and tokenizer in the scratch folder
-        out = preflight_recipe(ctx.recipe, ctx.recipe_dir, ctx.run, show_example)
-        typer.echo(f"preflight: {out['samples']} rendered training samples passed")
+        preflight_recipe(ctx.recipe, ctx.recipe_dir, ctx.run, show_example)  # its log line says what passed
 
 
 @app.command()

@@ -13,13 +13,13 @@ import yaml
 
 from data_prep.errors import DataError
 
-app = typer.Typer(no_args_is_help=True, help="Build, check and synthesise instruction sets (Alpaca-style).")
-synth_app = typer.Typer(no_args_is_help=True, help="Synthetic instructions from a teacher model.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build, check and synthesise instruction sets (Alpaca-style).")
+synth_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Synthetic instructions from a teacher model.")
 app.add_typer(synth_app, name="synth")
 
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Public schema adapter: gsm8k, pubmedqa, legalbench, mmlu, sharegpt.")]
-OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", help="Adapter option KEY=VALUE (repeatable), e.g. --option boxed=true.")]
-FieldOpt = Annotated[Optional[list[str]], typer.Option("--field", help="Column mapping OURS=THEIRS (repeatable), e.g. --field instruction=question.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", metavar="KEY=VALUE", help="Adapter option KEY=VALUE (repeatable), e.g. --option boxed=true.")]
+FieldOpt = Annotated[Optional[list[str]], typer.Option("--field", metavar="OURS=THEIRS", help="Column mapping OURS=THEIRS (repeatable), e.g. --field instruction=question.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Row layout: auto, alpaca, messages, text.")]
 ReaderOpt = Annotated[str, typer.Option("--reader", help="auto, jsonl, json, csv, tsv, parquet, documents, hf_disk.")]
 TokOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (Hub id or folder) to count tokens with.")]
@@ -74,9 +74,9 @@ def _token_counter(tokenizer: str | None, template: str = "alpaca", system_promp
 
 
 @app.command()
-def build(spec: Annotated[Path, typer.Argument(help="A data spec YAML (name:, sources:, quality: ...) or a recipe (its data: section).")],
+def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE", help="A data spec YAML (name:, sources:, quality: ...) or a recipe (its data: section).")],
           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default built/<name>/).")] = None,
-          set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
           tokenizer: TokOpt = None, progress: ProgressOpt = True) -> None:
     """Build an instruction set: train.jsonl, val.jsonl, rejects.jsonl, provenance.json, datacard.md, lengths.png."""
     from pydantic import ValidationError
@@ -120,7 +120,7 @@ def _read(file, adapter, option, field, fmt, reader, progress):
 
 
 @app.command()
-def validate(file: Annotated[Path, typer.Argument(help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
+def validate(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
              field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", tokenizer: TokOpt = None,
              max_length: Annotated[int, typer.Option("--max-length", help="With --tokenizer: longest row in tokens.")] = 2048,
              rejects: Annotated[Optional[Path], typer.Option("--rejects", help="Write the rejected rows (row number + reason) here.")] = None,
@@ -154,7 +154,7 @@ def validate(file: Annotated[Path, typer.Argument(help="A data file or folder.")
 
 
 @app.command()
-def stats(file: Annotated[Path, typer.Argument(help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
+def stats(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
           field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", tokenizer: TokOpt = None,
           png: Annotated[Optional[Path], typer.Option("--png", help="Write a length histogram here.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:

@@ -373,7 +373,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
             raise refused if refused is not None else StageFailed(f"{stage}: rank 0 stopped ({decision['error']})")
         if decision["skip"]:
             outcome[stage] = "skipped"
-            log.info("%s: done with the same inputs, skipped", stage)
+            log.info("%s: done with the same inputs, skipped", stage, extra={"file_only": bool(on_event)})  # on_event says it on screen
             if on_event:
                 on_event(stage, "skipped")
             continue

@@ -457,3 +457,50 @@ def test_chat_commands_are_never_sent_and_ctrl_c_stops_only_the_answer():
     assert "/reset    forget the conversation" in text and "(conversation cleared)" in text and "partial [stopped]" in text
     assert "unknown command /hepl; did you mean /help?" in text
     assert "first" not in sent[1]  # /reset forgot the first turn
+
+
+# ---- 15: help and console output
+
+
+def test_help_output_is_plain_and_each_line_said_once(legal_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    runner = CliRunner()
+    commands = [["run"], ["prepare"], ["train"], ["cpt"], ["merge"], ["eval"], ["generate"], ["chat"], ["publish"], ["validate"],
+                ["data", "build"], ["data", "validate"], ["data", "stats"], ["data", "synth", "self-instruct"], ["data", "synth", "grounded"]]
+    for cmd in commands:
+        out = runner.invoke(app, [*cmd, "--help"], terminal_width=100)
+        assert out.exit_code == 0, (cmd, out.output)
+        assert "<bool>" not in out.output and "<list" not in out.output and "<path>" not in out.output and "{" not in out.output.splitlines()[0], (cmd, out.output)
+    cpt = runner.invoke(app, ["cpt", "--help"], terminal_width=100).output
+    assert "[cpt, sft]" in cpt and "cpt [OPTIONS] RECIPE" in cpt
+    prep = runner.invoke(app, ["prepare", "--help"], terminal_width=100).output
+    assert not any(o in prep for o in ("--gpus", "--allow-drift", "--show-example")) and "--set KEY=VALUE" in prep
+    # skipped stages are said once each
+    r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", copy_run(legal_run, tmp_path / "run"))
+    assert r.returncode == 0 and sum("prepare" in line for line in r.stderr.splitlines()) == 1, r.stderr
+    # validate --preflight says its result once
+    r = cli("validate", RECIPES / "legal.yaml", "--smoke", "--preflight")
+    assert r.returncode == 0 and (r.stdout + r.stderr).count("samples passed") == 1, r.stdout + r.stderr
+    # a clean stop is not an error
+    script = ("import sys\nimport finetune.pipeline as p\nfrom finetune.preempt import Preempted\n"
+              "def stop(*a, **k): raise Preempted('train: stopped at step 3 after a checkpoint; run the same command to continue')\n"
+              "p.run_stages = stop\nfrom finetune.cli import main\nsys.argv = ['finetune', *sys.argv[1:]]\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", script, "run", str(RECIPES / "legal.yaml"), "--smoke", "--run-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 143 and "stopped: train: stopped at step 3" in r.stderr and "error:" not in r.stderr, r.stderr
+
+
+def test_the_package_metadata_builds_without_setuptools_warnings():
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+    assert not [w for w in caught if "license" in str(w.message).lower()], [str(w.message)[:200] for w in caught]
+    assert dist.metadata.license_expression == "Apache-2.0"
