@@ -323,7 +323,7 @@ def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", hel
           out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default RUN/eval-<tasks> or ./eval-<model>).")] = None,
           template: Annotated[Optional[str], typer.Option("--template", metavar="raw|alpaca|chat", help="Force every task's template: raw, alpaca or chat.")] = None,
           batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
-          max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score at most N items per task (quick runs).")] = None,
+          max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score N items per task: a seeded sample, stratified by gold label for classification (quick runs).")] = None,
           bits: Annotated[int, typer.Option("--bits", help="Load a plain model in 16 bits, or 4/8 through bitsandbytes.")] = 16,
           force: Annotated[bool, typer.Option("--force", help="Run directory without --tasks: re-evaluate even if done.")] = False) -> None:
     """Evaluate a model (and its adapter) on tasks defined in YAML; for a run directory, base vs tuned as its recipe says."""

@@ -68,11 +68,16 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     suites = []
     if recipe.eval.heldout and (held := heldout_suite(run)) is not None:
         suites.append(held)
+    sampling: dict[str, dict[str, Any]] = {}
     for task in recipe.eval.tasks:
-        suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt)))
+        suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt,
+                                        info=sampling.setdefault(task.name, {}))))
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))
     entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True)
+    for e in entries:
+        if e["name"] in sampling:
+            e["sampling"] = sampling[e["name"]]
     report = {"tasks": entries}
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
@@ -148,13 +153,16 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
     if max_samples:
         tasks = [t.model_copy(update={"max_samples": min(max_samples, t.max_samples or max_samples)}) for t in tasks]
     tok = load_tokenizer(model_dir, recipe)
-    suites = [(t, load_items(t, tasks_dir, recipe_template, tok, system_prompt)) for t in tasks]
+    sampling: dict[str, dict[str, Any]] = {}
+    suites = [(t, load_items(t, tasks_dir, recipe_template, tok, system_prompt, info=sampling.setdefault(t.name, {}))) for t in tasks]
     model = load_model(model_dir, recipe, quantized=recipe.quantization.bits != 16)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
     entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None)
+    for e in entries:
+        e["sampling"] = sampling.get(e["name"])
     report = {"model": Path(model_dir).name if Path(model_dir).exists() else model_dir,
               "adapter": Path(adapter).name if adapter else None, "tasks": entries}
     mark(Path(out), "eval")

@@ -86,6 +86,18 @@ def task_entry(task: EvalTask, base: list[dict], tuned: list[dict] | None, sourc
     else:
         entry["tuned"] = None
         entry["delta"] = None
+    golds = {str(r.get("gold")) for r in base}
+    one_class = task.type in ("classification", "multiple_choice") and len(base) > 1 and len(golds) == 1
+    if one_class:
+        entry["warnings"] = [f"every scored item has the same gold answer ({golds.pop()!r}): a model that always gives it scores "
+                             "100, one that never does 0; this score says nothing. Score more items (or the whole task)."]
+        log.warning("eval %s: %s", task.name, entry["warnings"][0])
+    for who in ("base", "tuned"):
+        s = entry.get(who)
+        if s and s.get("ci95") and s["ci95"][0] == s["ci95"][1]:
+            # a zero-width interval is never certainty: say why it is degenerate
+            s["ci95_note"] = ("one gold class in the scored items" if one_class else
+                              f"every bootstrap resample of the {len(base)} items gives the same score")
     return entry
 
 
@@ -103,7 +115,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     for t in report["tasks"]:
         m = t["metric"]
         arrow = "↓" if not t.get("higher_is_better", True) else "↑"
-        cell = lambda s: f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]"  # noqa: E731
+        cell = lambda s: (f"{_fmt(s['score'], m)} [no interval: {s['ci95_note']}]" if s.get("ci95_note") else  # noqa: E731
+                          f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]")
         row = f"| {t['name']} | {m.replace('_', ' ')} {arrow} | {t['n']} | {cell(t['base'])} |"
         if pair:
             d = t.get("delta")
@@ -111,6 +124,13 @@ def report_markdown(report: dict[str, Any]) -> str:
             row += f" {cell(t['tuned']) if t.get('tuned') else 'n/a'} | {sign}{_fmt(abs(d), m) if d is not None else 'n/a'} |"
         lines.append(row)
     note = ("\nScores in % except perplexity; [95% CI]: Wilson for accuracy, bootstrap otherwise. ↑ higher is better, ↓ lower.\n")
+    sampled = [f"{t['name']}: {t['sampling']['scored']} of {t['sampling']['of']} items, {t['sampling']['method']} (seed "
+               f"{t['sampling']['seed']})" for t in report["tasks"] if (t.get("sampling") or {}).get("method")]
+    if sampled:
+        note += "Sampled: " + "; ".join(sampled) + ".\n"
+    warned = [f"{t['name']}: {w}" for t in report["tasks"] for w in t.get("warnings", [])]
+    if warned:
+        note += "".join(f"\n> **Warning** {w}\n" for w in warned)
     return "\n".join(lines) + "\n" + note
 
 

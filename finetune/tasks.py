@@ -94,7 +94,11 @@ class EvalTask(Location):
     stop: list[str] | None = Field(None, description="exact_match: stop sequences; default `\\n\\n\\n` and the next-question cue of the layout.")
     extract: list[Extract] = Field(list(METHODS), min_length=1, description="exact_match: answer extraction, first that finds one wins.")
     gold_extract: list[Extract] | None = Field(None, description="exact_match: how to read the gold field (GSM8K: `[hash]`); default: the gold field is the answer.")
-    max_samples: int | None = Field(None, ge=1, description="Score only the first N items (quick runs).")
+    max_samples: int | None = Field(
+        None, ge=1, description="Score N items (quick runs): a seeded random sample, stratified by gold label for classification "
+        "(LegalBench files are sorted by label: their first N rows hold one class). Recorded in the report.",
+    )
+    sample_seed: int = Field(1234, description="Seed of the `max_samples` draw (the same items for base and tuned, and run to run).")
 
     @model_validator(mode="after")
     def _check(self) -> EvalTask:
@@ -377,11 +381,13 @@ def _prompt_text(task: EvalTask, base_dir: Path) -> str:
 
 
 def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = None, tok=None,
-               system_prompt: str | None = None) -> list[Item]:
-    """Every item of the task, fully rendered. Base and tuned get these exact strings."""
-    rows = _rows(task, task, base_dir, task.max_samples)
+               system_prompt: str | None = None, info: dict[str, Any] | None = None) -> list[Item]:
+    """The task's items (all, or the `max_samples` sample), fully rendered. Base and tuned get these exact strings.
+    `info` receives how they were sampled."""
+    rows = _rows(task, task, base_dir, None)
     template = resolved_template(task, recipe_template)
     if task.type == "perplexity":
+        rows = [rows[i] for i in sample_indices(task, [None] * len(rows), info)]
         return _perplexity_items(task, rows, template if template != "raw" else "alpaca", tok, system_prompt)
     prompt = _prompt_text(task, base_dir)
     where = lambda n: f"task {task.name}: {task.origin} row {n}"  # noqa: E731
@@ -399,10 +405,13 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
     delim = delimiter(task, template)
     shot_delim = delimiter(task, "raw")  # solved examples are prompt text: "A: Yes", whatever the template does after the prompt
     header = task.header if task.header is not None else (BIOMISTRAL_HEADER if task.style == "biomistral" and task.type == "multiple_choice" else None)
+    labels = [normalise_label(lay.choices[lay.gold]) if task.type == "classification" else None for _, _, lay in layouts]
     items = []
-    for k, (n, row, lay) in enumerate(layouts):
+    for k in sample_indices(task, labels, info):
+        n, row, lay = layouts[k]
         parts = [header] if header else []
         if task.num_fewshot:
+            # keyed by the item's place in the whole file: its shots do not change with the sample drawn around it
             rng = random.Random(f"{task.fewshot_seed}:{k}")
             candidates = [i for i in range(len(shots_pool)) if task.fewshot is not None or i != k]
             for i in rng.sample(candidates, task.num_fewshot):
@@ -414,6 +423,46 @@ def load_items(task: EvalTask, base_dir: Path, recipe_template: str | None = Non
         rid = str(row.get("id", n))
         items.append(Item(id=rid, prompt=full, gold=lay.gold, choices=[delim + c for c in lay.choices], row=n))
     return items
+
+
+def sample_indices(task: EvalTask, labels: list[str | None], info: dict[str, Any] | None = None) -> list[int]:
+    """Which of the task's rows are scored, in file order: all of them, or `max_samples` drawn with `sample_seed`;
+    for classification the draw is stratified by gold label (each label gets its share, largest remainders first, and
+    at least one item while the sample has room). `info` receives what was done, for the report."""
+    n = len(labels)
+    k = task.max_samples
+    if not k or k >= n:
+        if info is not None:
+            info.update(scored=n, of=n)
+        return list(range(n))
+    rng = random.Random(f"{task.sample_seed}:{task.name}")
+    if task.type != "classification":
+        picked = rng.sample(range(n), k)
+        if info is not None:
+            info.update(scored=k, of=n, seed=task.sample_seed, method="seeded random sample")
+        return sorted(picked)
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(str(lab), []).append(i)
+    order = sorted(groups)
+    exact = {g: k * len(groups[g]) / n for g in order}
+    take = {g: int(exact[g]) for g in order}
+    if k >= len(order):  # room for every label: none left out
+        for g in order:
+            take[g] = max(take[g], 1)
+    while sum(take.values()) > k:  # the minimum of one pushed past k: trim the largest
+        g = max(order, key=lambda g: (take[g], g))
+        take[g] -= 1
+    for g in sorted(order, key=lambda g: (-(exact[g] - int(exact[g])), g)):
+        if sum(take.values()) >= k:
+            break
+        if take[g] < len(groups[g]):
+            take[g] += 1
+    picked = [i for g in order for i in rng.sample(groups[g], min(take[g], len(groups[g])))]
+    if info is not None:
+        info.update(scored=len(picked), of=n, seed=task.sample_seed, method="seeded sample stratified by gold label",
+                    per_label={g: take[g] for g in order})
+    return sorted(picked)
 
 
 def _perplexity_items(task: EvalTask, rows, template: str, tok, system_prompt: str | None) -> list[Item]:

@@ -504,3 +504,63 @@ def test_the_package_metadata_builds_without_setuptools_warnings():
         dist = apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
     assert not [w for w in caught if "license" in str(w.message).lower()], [str(w.message)[:200] for w in caught]
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+# ---- 10: numbers that do not mislead
+
+
+class Constant:
+    """Always answers `label`: the predictor that scored 100.0 [100.0, 100.0] on hearsay's first 20 rows."""
+
+    def __init__(self, label):
+        self.label = label
+
+    def loglikelihood(self, requests):
+        return [0.0 if c.strip().lower() == self.label.lower() else -10.0 for _, c in requests]
+
+
+@pytest.mark.parametrize("name,labels,const", [("hearsay", ["Yes", "No"], "No"),
+                                               ("abercrombie", ["generic", "descriptive", "suggestive", "arbitrary", "fanciful"], "generic")])
+def test_max_samples_is_a_seeded_stratified_sample(shared_datasets, name, labels, const):
+    import csv
+    from collections import Counter
+
+    from finetune.harness import score_items, task_entry
+    from finetune.tasks import EvalTask, load_items, normalise_label
+
+    d = shared_datasets / "legalbench_prerelease" / name
+    with open(d / "test.tsv", encoding="utf-8", newline="") as f:
+        file_labels = [normalise_label(r["label"]) for r in csv.DictReader(f, delimiter="\t")]
+    k = 20 if name == "hearsay" else 50
+    # the trap: the file is sorted by label, so its first k rows miss classes (hearsay's first 20 hold one)
+    assert len(set(file_labels[:k])) < len(set(file_labels)) and (name != "hearsay" or len(set(file_labels[:k])) == 1)
+    task = EvalTask(name=name, type="classification", path=str(d / "test.tsv"), prompt_file=str(d / "base_prompt.txt"), labels=labels,
+                    max_samples=k)
+    info: dict = {}
+    items = load_items(task, shared_datasets, info=info)
+    again = load_items(task, shared_datasets)
+    assert [it.id for it in items] == [it.id for it in again]  # seeded: the same items every time
+    got = Counter(labels[it.gold].lower() for it in items)
+    whole = Counter(file_labels)
+    assert len(items) == k and set(got) == set(whole)  # every class present
+    for lab, n in whole.items():  # each class gets its share of the sample, within one item
+        assert abs(got[lab] - k * n / len(file_labels)) <= 1, (lab, got, whole)
+    assert info["method"] == "seeded sample stratified by gold label" and info["scored"] == k and info["of"] == len(file_labels)
+    entry = task_entry(task, score_items(Constant(const), task, items), None, "x")
+    assert entry["base"]["score"] == pytest.approx(1 / len(labels))  # a constant predictor is at chance, as it should be
+    other = load_items(task.model_copy(update={"sample_seed": 7}), shared_datasets)
+    assert [it.id for it in other] != [it.id for it in items]
+
+
+def test_one_gold_class_is_warned_and_no_zero_width_interval_is_printed(tmp_path):
+    from finetune.harness import report_markdown, score_items, task_entry
+    from finetune.tasks import EvalTask, load_items
+
+    (tmp_path / "t.tsv").write_text("label\ttext\n" + "".join(f"No\tcase {i}\n" for i in range(12)))
+    task = EvalTask(name="t", type="classification", path=str(tmp_path / "t.tsv"), labels=["Yes", "No"])
+    items = load_items(task, tmp_path)
+    entry = task_entry(task, score_items(Constant("No"), task, items), None, "x")
+    assert entry["base"]["score"] == 1.0 and entry["base"]["ci95"][0] == entry["base"]["ci95"][1]
+    assert "same gold answer ('no')" in entry["warnings"][0]
+    md = report_markdown({"tasks": [entry]})
+    assert "[no interval: one gold class in the scored items]" in md and "[100.0, 100.0]" not in md and "**Warning** t:" in md
