@@ -40,7 +40,13 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
     licences = {l for l in known if l != "unknown"}
     if len(licences) == 1:
         return licences.pop(), warnings
-    return "other", warnings + [f"Licences involved: {', '.join(sorted(known))}."]
+    return "other", warnings + [f"Licence `other` (named `{other_name(known)}`): the base model's and the training data's licences "
+                                f"all apply: {', '.join(sorted(known))}. Set `publish.license` to state the one you grant."]
+
+
+def other_name(licences) -> str:
+    """The Hub's `license_name` for `license: other`: the licences that apply, joined."""
+    return "-and-".join(sorted(licences)) or "unknown"
 
 
 def _non_commercial(licence: str) -> bool:
@@ -59,20 +65,34 @@ def licence_conflicts(recipe: Recipe, provenance: list[dict[str, Any]]) -> list[
     return [f"publish.license {claimed!r} allows commercial use, but {', '.join(restricted)} does not"] if restricted else []
 
 
+def _dataset(t: dict[str, Any]) -> dict[str, Any]:
+    """model-index `dataset`: `type` is the Hub dataset id (or the file's name), never a description."""
+    source = t.get("source") or t["name"]
+    if t["name"] == "heldout" or source == "validation split":
+        return {"name": "held-out split of this model's training data", "type": "heldout", "split": "validation"}
+    if ":" in source:  # hub id[/config]:split
+        where, split = source.rsplit(":", 1)
+        parts = where.split("/")
+        out = {"name": source, "type": "/".join(parts[:2]), "split": split}
+        if len(parts) > 2:
+            out["config"] = "/".join(parts[2:])
+        return out
+    return {"name": source, "type": source}
+
+
 def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Hub's model-index block: per task, the base and the tuned score with n and the 95% interval (metric args)."""
+    """The Hub's model-index block: per task, the base, tuned (adapter) and merged scores with n and the 95% interval
+    (metric args)."""
     results = []
     for t in report.get("tasks", []):
-        source = t.get("source") or t["name"]
         metrics = []
-        for who in ("base", "tuned"):
+        for who in ("base", "tuned", "merged"):
             s = t.get(who)
             if not s:
                 continue
             metrics.append({"type": t["metric"], "name": f"{t['metric']} ({who})", "value": round(float(s["score"]), 4), "verified": False,
                             "args": {"n": t["n"], "ci95": [round(float(x), 4) for x in s["ci95"]]}})
-        results.append({"task": {"type": "text-generation", "name": t["name"]},
-                        "dataset": {"name": source, "type": source.split(":")[0]}, "metrics": metrics})
+        results.append({"task": {"type": "text-generation", "name": t["name"]}, "dataset": _dataset(t), "metrics": metrics})
     return [{"name": name, "results": results}] if results else []
 
 
@@ -89,6 +109,8 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
         "license": license_id,
         "tags": list(dict.fromkeys(tags)),
     }
+    if license_id == "other":
+        front["license_name"] = other_name({p.get("license") or "unknown" for p in prov["sources"]} | ({recipe.base_model.license} if recipe.base_model.license else set()))
     hub_sets = [p["hub"] for p in prov["sources"] if p.get("hub")]
     if hub_sets:
         front["datasets"] = hub_sets
@@ -103,7 +125,7 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     lines += [f"A {recipe.domain} specialist fine-tuned from `{base_model_name}` with "
               f"{'QLoRA (4-bit NF4 base)' if recipe.quantization.bits == 4 else 'LoRA'} on all linear layers by finetune.", ""]
     lines += [f"> {w}" for w in warnings] + ([""] if warnings else [])
-    lines += ["## Evaluation (base vs tuned, identical prompts)", "", report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
+    lines += ["## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "", report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
     lines += ["## Training", "",
               f"- LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}, targets={recipe.lora.target_modules}",
               f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}), batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps}, "
@@ -137,9 +159,27 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
                       f"{check['merged_vs_trained_max_abs_diff']:.3g}"
                       + (" (the 4-bit rounding the adapter was trained with)." if check["base"] == "original_16bit" else ".")]
     lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
-              "## How to load", "", "```python", "from peft import AutoPeftModelForCausalLM",
-              "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO\")  # the adapter; the merged model is in merged/", "```", ""]
+              *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name)]
     return "\n".join(lines)
+
+
+def repo_name(to: str | None) -> str | None:
+    """What `from_pretrained` takes for a publish target: ORG/NAME on the Hub; None for a folder (its path is local)."""
+    return to.removeprefix("hf://") if to and to.startswith("hf://") else None
+
+
+def how_to_load(to: str | None, what, base: str) -> list[str]:
+    repo = repo_name(to)
+    where = f'"{repo}"' if repo else '"path/to/this/folder"'
+    lines = ["## How to load", ""] + ([] if repo else ["From the folder holding this card (a copy of the published revision):", ""]) + ["```python"]
+    if "adapter" in what:
+        lines += ["from peft import AutoPeftModelForCausalLM", "",
+                  f"model = AutoPeftModelForCausalLM.from_pretrained({where})  # the adapter, on {base}"]
+    if "merged" in what:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained({where}, subfolder="merged")  # the merged model',
+                  f'tokenizer = AutoTokenizer.from_pretrained({where}, subfolder="merged")']
+    return lines + ["```", ""]
 
 
 def write_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> Path:
@@ -157,21 +197,32 @@ def front_matter(card_text: str) -> dict[str, Any]:
 
 
 
-def combination_card(folder: Path, check: dict[str, Any]) -> str:
+def shown_base(base: str) -> str:
+    """A base named in a card or a published adapter_config.json: a Hub id as is, a local folder by its config's
+    `_name_or_path` when that is a Hub id, else by its name (no local paths leave the machine)."""
+    import re
+
+    p = Path(base)
+    if not (p.is_absolute() or p.exists()):
+        return base
+    named = str(read_json(p / "config.json", {}).get("_name_or_path") or "")
+    return named if re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists() else p.name
+
+
+def combination_card(folder: Path, check: dict[str, Any], to: str | None = None) -> str:
     """The card of an adapter combination (`finetune merge --adapters ...`): what went in, with which weights, and how
     it scores when `finetune eval` was run into FOLDER/eval."""
     report = read_json(folder / "eval" / "report.json", {"tasks": []})
-    base = check["base"]
-    shown_base = Path(base).name if Path(base).is_absolute() or Path(base).exists() else base  # no local paths in a card
-    front: dict[str, Any] = {"base_model": shown_base, "library_name": "peft", "license": "other",
+    shown = shown_base(check["base"])
+    front: dict[str, Any] = {"base_model": shown, "library_name": "peft", "license": "other", "license_name": "see-inputs",
                              "tags": ["finetune", "lora", "merge", check["method"]]}
     index = model_index(folder.resolve().name, report)
     if index:
         front["model-index"] = index
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {folder.resolve().name}", "",
-             f"{len(check['inputs'])} LoRA adapters of `{shown_base}` combined with peft's `{check['method']}`"
+             f"{len(check['inputs'])} LoRA adapters of `{shown}` combined with peft's `{check['method']}`"
              + (f" (density {check['density']}, seed {check['seed']})" if check.get("density") is not None else "") + ".", "",
-             "> The licence is that of the base model and of every input's training data: check each before use.", "",
+             "> Licence `other` (named `see-inputs`): that of the base model and of every input's training data apply; check each before use.", "",
              "| input | r | lora_alpha | weight | sha256 |", "|---|---|---|---|---|"]
     for inp, w in zip(check["inputs"], check["weights"]):
         lines.append(f"| {inp['adapter']} | {inp['r']} | {inp['lora_alpha']} | {w} | `{inp['sha256'][:12]}` |")
@@ -183,6 +234,5 @@ def combination_card(folder: Path, check: dict[str, Any]) -> str:
     lines += ["", "## Evaluation (base vs combined)", "", report_markdown(report) if report["tasks"] else "Not evaluated: run "
               "`finetune eval BASE --adapter FOLDER/adapter --tasks TASKS.yaml --out FOLDER/eval` before publishing.", "",
               "## Intended use", "", "Check outputs before relying on them; the inputs' own cards state their domains and limits.", "",
-              "## How to load", "", "```python", "from peft import AutoPeftModelForCausalLM",
-              "model = AutoPeftModelForCausalLM.from_pretrained(\"REPO\")", "```", ""]
+              *how_to_load(to, ["adapter", *(["merged"] if check.get("merged_vs_adapter_max_abs_diff") is not None else [])], shown)]
     return "\n".join(lines)

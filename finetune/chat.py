@@ -25,14 +25,26 @@ def check_run(run_dir: Path) -> RunDir:
     return run
 
 
-def load_run_model(run_dir: Path):
-    """(model, tokenizer, recipe) of a finished run: base + RUN/adapter."""
+def load_run_model(run_dir: Path, use: str = "auto"):
+    """(model, tokenizer, recipe) of a finished run: RUN/merged (the published model) when it passed its check, or
+    with `use="adapter"` the base as trained plus RUN/adapter."""
     from peft import PeftModel
 
-    from .models import load_model, load_tokenizer
+    from .evaluate import merged_to_score
+    from .models import DTYPES, load_model, load_tokenizer
 
     run = check_run(run_dir)
     recipe, _ = run.load_recipe()
+    merged = merged_to_score(run)
+    if use == "merged" and merged is None:
+        raise UserError(f"{run_dir}: no merged model that passed its check (RUN/merged, merge_check.json); use --use adapter")
+    if use != "adapter" and merged is not None:
+        sys.stderr.write(f"[finetune] model: the merged model ({merged.name}/, as published); --use adapter for the adapter as trained\n")
+        tok = load_tokenizer(str(merged), recipe)
+        model = load_model(str(merged), recipe, quantized=False, dtype=DTYPES[recipe.merge.dtype])
+        model.eval()
+        return model, tok, recipe
+    sys.stderr.write("[finetune] model: the base as trained with the adapter\n")
     tok = load_tokenizer(recipe.base_model.id, recipe)
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))
@@ -77,8 +89,8 @@ def stream(model, tok, prompt: str, max_new_tokens: int, temperature: float, wri
     return "".join(pieces)
 
 
-def generate(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, out: TextIO = sys.stdout) -> str:
-    model, tok, recipe = load_run_model(run_dir)
+def generate(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float, out: TextIO = sys.stdout, use: str = "auto") -> str:
+    model, tok, recipe = load_run_model(run_dir, use)
 
     def write(text: str) -> None:
         out.write(text)
@@ -119,11 +131,11 @@ def read_line(inp: TextIO, out: TextIO, prompt: str = "> ") -> str | None:
 
 
 def chat(run_dir: Path, max_new_tokens: int, temperature: float, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
-         loaded=None, streamer=None) -> int:
+         loaded=None, streamer=None, use: str = "auto") -> int:
     """Read a line, answer it, keep the conversation. Commands (/help, /reset, /exit) are never sent to the model;
     Ctrl-C while an answer is written stops that answer (what was written is kept as the turn) and the conversation
     goes on; Ctrl-C at the prompt or end of input leaves. Returns the turns taken."""
-    model, tok, recipe = loaded or load_run_model(run_dir)
+    model, tok, recipe = loaded or load_run_model(run_dir, use)
     streamer = streamer or stream
     out.write(f"{recipe.name} ({recipe.domain}, template {recipe.data.template}). /help lists the commands.\n")
     turns: list[dict[str, str]] = []

@@ -346,31 +346,40 @@ def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", hel
 
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation budget per answer.")]
 TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (reproducible); above 0 samples.")]
+UseOpt = Annotated[str, typer.Option("--use", metavar="auto|merged|adapter", help="Which model answers: the merged model as "
+                                     "published (auto, when the run has one that passed its check) or the adapter as trained.")]
 
 
 @app.command()
 @_guard
 def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
              prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
-             max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
+             max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
     """Answer one prompt with the tuned model, streaming the output."""
     from .chat import check_run, generate as run_generate
 
+    _check_use(use)
     check_run(run_dir)  # before torch and transformers load (seconds)
     _quiet_libraries()
-    run_generate(run_dir, prompt, max_new_tokens, temperature)
+    run_generate(run_dir, prompt, max_new_tokens, temperature, use=use)
 
 
 @app.command()
 @_guard
 def chat(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
-         max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0) -> None:
+         max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
     """Talk to the tuned model in the recipe's own template (/help, /reset, /exit; Ctrl-C stops an answer)."""
     from .chat import chat as run_chat, check_run
 
+    _check_use(use)
     check_run(run_dir)
     _quiet_libraries()
-    run_chat(run_dir, max_new_tokens, temperature)
+    run_chat(run_dir, max_new_tokens, temperature, use=use)
+
+
+def _check_use(use: str) -> None:
+    if use not in ("auto", "merged", "adapter"):
+        raise UserError(f"--use {use!r}: choose auto, merged or adapter")
 
 
 @app.command()

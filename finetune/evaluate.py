@@ -1,8 +1,11 @@
-"""Stage 3, eval: the base and the tuned model scored side by side on identical prompts; and `finetune eval` on any
-Hugging Face-format model directory, with or without an adapter.
+"""Stage eval: the base, the tuned model and the merged model scored side by side on identical prompts; and
+`finetune eval` on any Hugging Face-format model directory, with or without an adapter.
 
-The base is the model as training saw it (4-bit when QLoRA) with the adapter switched off, the tuned one the same
-weights with the adapter on: one load, and the only difference between the two columns is the adapter.
+- base: the model as training saw it (4-bit when QLoRA) with the adapter switched off;
+- tuned: the same weights with the adapter on (the adapter as trained: one load, the only difference is the adapter);
+- merged: RUN/merged/, the 16-bit model that is published, loaded as anyone would load it. It is not the same
+  function as `tuned` (the adapter was trained against the 4-bit rounding of the base; a real model's logits moved by
+  up to 18-26 between the two), so it is scored on its own, and the publish gate reads the column it publishes.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))
     entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True)
+    del model
+    merged = merged_to_score(run)
+    if merged is not None:
+        _free_memory()
+        from .models import DTYPES
+
+        mmodel = load_model(str(merged), recipe, quantized=False, dtype=DTYPES[recipe.merge.dtype])
+        score_merged(mmodel, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template)
+        del mmodel
     for e in entries:
         if e["name"] in sampling:
             e["sampling"] = sampling[e["name"]]
@@ -82,6 +94,46 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
     return {"tasks": len(entries), **{f"{e['name']}.{e['metric']}": e["tuned"]["score"] for e in entries}}
+
+
+def merged_to_score(run: RunDir) -> Path | None:
+    """RUN/merged/ when it exists and passed its check (a failed merge is never published, so never scored)."""
+    from .run import read_json
+
+    check = read_json(run.merge_check, None)
+    if not (run.merged / "config.json").is_file() or not (check or {}).get("passed"):
+        return None
+    return run.merged
+
+
+def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None) -> None:
+    """Add the merged model's column to each task's entry: its scores and its paired delta against the base."""
+    from . import metrics
+    from .harness import _fmt as fmt, model_scores, note_degenerate
+    from .lm import HFLM
+
+    model.eval()
+    lm = HFLM(model, tok, batch_size, desc="merged")
+    for (task, items), entry in zip(suites, entries):
+        got = score_items(lm, task, items, template)
+        per_item[task.name]["merged"] = got
+        base = per_item[task.name]["base"]
+        entry["merged"] = model_scores(task, got)
+        entry["merged_delta"] = entry["merged"]["score"] - entry["base"]["score"]
+        entry["merged_delta_ci95"] = metrics.paired_delta_ci(task.metric, base, got)
+        note_degenerate(entry, "merged")
+        log.info("eval %s: %s base %s -> merged %s (the published model)", task.name, task.metric,
+                 fmt(entry["base"]["score"], task.metric), fmt(entry["merged"]["score"], task.metric))
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def score_items(lm, task: EvalTask, items: list[Item], recipe_template: str | No
     raise ValueError(task.type)
 
 
-def _model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
+def model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
     main = metrics.score(task.metric, results)
     extra = {m: metrics.score(m, results)["score"] for m in SECONDARY[task.type] if m != task.metric}
     return {**main, **({"metrics": extra} if extra else {})}
@@ -78,9 +78,9 @@ def _model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, An
 def task_entry(task: EvalTask, base: list[dict], tuned: list[dict] | None, source: str) -> dict[str, Any]:
     """One task's entry of report.json (DESIGN.md's schema, plus n per model, secondary metrics and the paired delta CI)."""
     entry: dict[str, Any] = {"name": task.name, "type": task.type, "metric": task.metric, "higher_is_better": task.higher_is_better,
-                             "n": len(base), "source": source, "base": _model_scores(task, base)}
+                             "n": len(base), "source": source, "base": model_scores(task, base)}
     if tuned is not None:
-        entry["tuned"] = _model_scores(task, tuned)
+        entry["tuned"] = model_scores(task, tuned)
         entry["delta"] = entry["tuned"]["score"] - entry["base"]["score"]
         entry["delta_ci95"] = metrics.paired_delta_ci(task.metric, base, tuned)
     else:
@@ -92,13 +92,18 @@ def task_entry(task: EvalTask, base: list[dict], tuned: list[dict] | None, sourc
         entry["warnings"] = [f"every scored item has the same gold answer ({golds.pop()!r}): a model that always gives it scores "
                              "100, one that never does 0; this score says nothing. Score more items (or the whole task)."]
         log.warning("eval %s: %s", task.name, entry["warnings"][0])
+    entry["one_class"] = one_class
     for who in ("base", "tuned"):
-        s = entry.get(who)
-        if s and s.get("ci95") and s["ci95"][0] == s["ci95"][1]:
-            # a zero-width interval is never certainty: say why it is degenerate
-            s["ci95_note"] = ("one gold class in the scored items" if one_class else
-                              f"every bootstrap resample of the {len(base)} items gives the same score")
+        note_degenerate(entry, who)
     return entry
+
+
+def note_degenerate(entry: dict[str, Any], who: str) -> None:
+    """A zero-width interval is never certainty: say why it is degenerate (`ci95_note`, shown instead of the interval)."""
+    s = entry.get(who)
+    if s and s.get("ci95") and s["ci95"][0] == s["ci95"][1]:
+        s["ci95_note"] = ("one gold class in the scored items" if entry.get("one_class") else
+                          f"every bootstrap resample of the {entry['n']} items gives the same score")
 
 
 def _fmt(x: float, metric: str) -> str:
@@ -108,22 +113,34 @@ def _fmt(x: float, metric: str) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The table of report.md and the model card: scores in % (perplexity as is) with their 95% intervals."""
+    """The table of report.md and the model card: scores in % (perplexity as is) with their 95% intervals. Columns:
+    base; tuned (the adapter as trained on the base as training held it); merged (the published 16-bit model), when
+    it was scored; and each one's delta against the base."""
     pair = any(t.get("tuned") for t in report["tasks"])
-    head = "| task | metric | n | base | tuned | delta |" if pair else "| task | metric | n | score |"
-    lines = [head, "|---|---|---|---|---|---|" if pair else "|---|---|---|---|"]
+    merged = any(t.get("merged") for t in report["tasks"])
+    if merged:
+        head, rule = "| task | metric | n | base | tuned (adapter) | delta | merged (published) | delta |", "|---|---|---|---|---|---|---|---|"
+    elif pair:
+        head, rule = "| task | metric | n | base | tuned | delta |", "|---|---|---|---|---|---|"
+    else:
+        head, rule = "| task | metric | n | score |", "|---|---|---|---|"
+    lines = [head, rule]
     for t in report["tasks"]:
         m = t["metric"]
         arrow = "↓" if not t.get("higher_is_better", True) else "↑"
-        cell = lambda s: (f"{_fmt(s['score'], m)} [no interval: {s['ci95_note']}]" if s.get("ci95_note") else  # noqa: E731
+        cell = lambda s: ("n/a" if not s else f"{_fmt(s['score'], m)} [no interval: {s['ci95_note']}]" if s.get("ci95_note") else  # noqa: E731
                           f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]")
+        signed = lambda d: "n/a" if d is None else ("+" if d >= 0 else "-") + _fmt(abs(d), m)  # noqa: E731
         row = f"| {t['name']} | {m.replace('_', ' ')} {arrow} | {t['n']} | {cell(t['base'])} |"
         if pair:
-            d = t.get("delta")
-            sign = "" if d is None else ("+" if d >= 0 else "-")
-            row += f" {cell(t['tuned']) if t.get('tuned') else 'n/a'} | {sign}{_fmt(abs(d), m) if d is not None else 'n/a'} |"
+            row += f" {cell(t.get('tuned'))} | {signed(t.get('delta'))} |"
+        if merged:
+            row += f" {cell(t.get('merged'))} | {signed(t.get('merged_delta'))} |"
         lines.append(row)
     note = ("\nScores in % except perplexity; [95% CI]: Wilson for accuracy, bootstrap otherwise. ↑ higher is better, ↓ lower.\n")
+    if merged:
+        note += ("tuned (adapter): the base as trained (4-bit when QLoRA) with the LoRA adapter; merged (published): RUN/merged, "
+                 "the adapter folded into the 16-bit base, loaded as a plain model. They differ by the base's quantization.\n")
     sampled = [f"{t['name']}: {t['sampling']['scored']} of {t['sampling']['of']} items, {t['sampling']['method']} (seed "
                f"{t['sampling']['seed']})" for t in report["tasks"] if (t.get("sampling") or {}).get("method")]
     if sampled:
@@ -135,7 +152,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def report_png(report: dict[str, Any], path: Path) -> None:
-    """Base vs tuned per task, one panel per task (metrics differ in scale), 95% CI error bars, n under each panel."""
+    """Base vs tuned (vs merged) per task, in % like the tables, one panel per task (metrics differ in scale), 95% CI error bars, n under each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,19 +161,21 @@ def report_png(report: dict[str, Any], path: Path) -> None:
     tasks = report["tasks"]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(2.4 * max(1, len(tasks)) + 0.6, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        models = [("base", t["base"], "#8c8c8c")] + ([("tuned", t["tuned"], "#1f77b4")] if t.get("tuned") else [])
+        models = ([("base", t["base"], "#8c8c8c")] + ([("tuned", t["tuned"], "#1f77b4")] if t.get("tuned") else [])
+                  + ([("merged", t["merged"], "#2ca02c")] if t.get("merged") else []))
+        scale = 100.0 if t.get("higher_is_better", True) else 1.0  # the tables print scores in %: so does the chart
         for i, (label, s, colour) in enumerate(models):
-            y = s["score"]
-            lo, hi = s["ci95"]
+            y = s["score"] * scale
+            lo, hi = (x * scale for x in s["ci95"])
             err = [[max(0.0, y - lo)], [max(0.0, hi - y)]] if all(map(math.isfinite, (y, lo, hi))) else None
             ax.bar(i, y if math.isfinite(y) else 0, color=colour, yerr=err, capsize=4, label=label)
         ax.set_xticks(range(len(models)), [m[0] for m in models])
         ax.set_title(t["name"], fontsize=9)
-        ax.set_ylabel(t["metric"].replace("_", " ") + (" (lower is better)" if not t.get("higher_is_better", True) else ""), fontsize=8)
+        ax.set_ylabel(t["metric"].replace("_", " ") + (" (%)" if t.get("higher_is_better", True) else " (lower is better)"), fontsize=8)
         ax.set_xlabel(f"n = {t['n']}", fontsize=8)
         if t.get("higher_is_better", True):
-            ax.set_ylim(0, 1)
-    fig.suptitle("base vs tuned, 95% confidence intervals", fontsize=10)
+            ax.set_ylim(0, 100)
+    fig.suptitle("base vs tuned" + (" vs merged" if any(t.get("merged") for t in tasks) else "") + ", 95% confidence intervals", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

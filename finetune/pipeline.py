@@ -199,7 +199,7 @@ def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, st
         tasks = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
         return ({"eval": r.eval.model_dump(), "base_model": base, "quantization": r.quantization.model_dump(),
                  "template": r.data.template, "system_prompt": r.data.system_prompt},
-                {**_files(run, run.adapter, run.data / "val.jsonl"), **tasks})
+                {**_files(run, run.adapter, run.data / "val.jsonl", run.merged, run.merge_check), **tasks})
     if stage == "merge":
         return ({"merge": r.merge.model_dump(), "base_model": base, "quantization": r.quantization.model_dump()},
                 {**_files(run, run.adapter, run.data / "val.jsonl"), **_base_inputs(ctx)})
@@ -264,7 +264,7 @@ def _run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any
         from .models import load_tokenizer
         from .prepare import prepare
 
-        result = prepare(r, ctx.recipe_dir, run, load_tokenizer(r.base_model.id, r))
+        result = prepare(r, ctx.recipe_dir, run, load_tokenizer(r.base_model.id, r), tokenizer_name=public_base(ctx))
         write_lock(ctx)
         return result
     if stage in ("cpt", "train"):
@@ -284,9 +284,28 @@ def _run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any
     if stage == "publish":
         from .publish import publish
 
-        name = f"finetune-smoke/tiny-{r.base_model.family}" if ctx.smoke else r.base_model.id
-        return publish(r, run, name, ctx.smoke, ctx.force_gates)
+        return publish(r, run, public_base(ctx), ctx.smoke, ctx.force_gates)
     raise ValueError(stage)
+
+
+def public_base(ctx: Context) -> str:
+    """The base model as the world knows it (card, published adapter_config.json, data card): a Hub id, never a path."""
+    import re
+
+    b = ctx.recipe.base_model
+    if ctx.smoke:
+        return f"finetune-smoke/tiny-{b.family}"
+    if b.hub_id:
+        return b.hub_id
+    local = Path(b.id).expanduser()
+    if not local.is_dir():
+        return b.id
+    named = str(read_json(local / "config.json", {}).get("_name_or_path") or "")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists():
+        return named
+    log.warning("base_model.id is the local folder %s: the card and the published adapter name it %r; set base_model.hub_id "
+                "to name its Hub id", local, local.name)
+    return local.name
 
 
 def _summary(result: Any) -> Any:
@@ -314,8 +333,8 @@ def _decide(ctx: Context, stage: str) -> dict[str, Any]:
 
 
 # The earlier stages whose outputs each stage reads (or ships): what must be current before it runs.
-READS = {"prepare": (), "cpt": ("prepare",), "train": ("prepare", "cpt"), "eval": ("prepare", "train"), "merge": ("prepare", "train"),
-         "publish": ("prepare", "cpt", "train", "eval", "merge")}
+READS = {"prepare": (), "cpt": ("prepare",), "train": ("prepare", "cpt"), "merge": ("prepare", "train"), "eval": ("prepare", "train", "merge"),
+         "publish": ("prepare", "cpt", "train", "merge", "eval")}
 
 
 def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:

@@ -55,7 +55,7 @@ def decontamination_sets(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, li
     return [(t.name, task_texts(t, recipe_dir)) for t in recipe.eval.tasks]
 
 
-def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any]:
+def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: str | None = None) -> dict[str, Any]:
     d = recipe.data
     enc = row_encoder(tok, d.template, d.system_prompt)
     token_len = None if d.overlong == "truncate" else (lambda r: len(enc(r).input_ids))
@@ -93,7 +93,7 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok) -> dict[str, Any
                         f"{sum(s['rows_read'] for s in got.sources)} read: {why}; {len(val)} went to validation). Add data, or "
                         "lower data.min_rows on purpose")
     stats = {"train": lengths([len(e["input_ids"]) for e in train]), "val": lengths([len(e["input_ids"]) for e in val]),
-             "unit": "tokens", "tokenizer": "recipe tokenizer", "max_length": d.max_length}
+             "unit": "tokens", "tokenizer": tokenizer_name or recipe.base_model.id, "max_length": d.max_length}
     counts = {k: c_train[k] + c_val[k] for k in c_train}
     # Rows over max_length under `drop` were removed by the build (filter "overlong" in rejects.jsonl): count them too.
     counts["overlong_dropped"] = sum(1 for x in rejects if x["filter"] == "overlong")

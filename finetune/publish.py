@@ -35,14 +35,20 @@ class PushFailed(StageFailed):
     """The Hub kept failing after every retry; the run's files are intact and publishing can simply be rerun."""
 
 
-def lay_out(dest: Path, what: list[str], adapter: Path, merged: Path, extras: list[tuple[Path, str]]) -> list[str]:
+def lay_out(dest: Path, what: list[str], adapter: Path, merged: Path, extras: list[tuple[Path, str]], base_name: str | None = None) -> list[str]:
     """A Hub repository's layout in `dest`: the adapter's files at the root, the merged model under merged/, and the
-    `extras` (source, name) that exist; returns its files (relative)."""
+    `extras` (source, name) that exist; returns its files (relative). `base_name` replaces the adapter's
+    `base_model_name_or_path` (a local path on this machine) in the published copy."""
     dest.mkdir(parents=True, exist_ok=True)
     if "adapter" in what:
         for f in adapter.iterdir():
             if f.is_file():
                 shutil.copy2(f, dest / f.name)
+        cfg = dest / "adapter_config.json"
+        if base_name and cfg.is_file():
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+            data["base_model_name_or_path"] = base_name
+            cfg.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if "merged" in what:
         shutil.copytree(merged, dest / "merged")
     for src, name in extras:
@@ -51,37 +57,51 @@ def lay_out(dest: Path, what: list[str], adapter: Path, merged: Path, extras: li
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 
 
-def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path) -> list[str]:
+def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path, base_name: str | None = None) -> list[str]:
     """Lay out a run's repository in `dest`; returns its files (relative)."""
     if "merged" in what and not run.merged.exists():
         raise UserError("publish.what includes `merged` but RUN/merged/ does not exist (merge.enabled: false?)")
     return lay_out(dest, what, run.adapter, run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
-                                                          (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")])
+                                                          (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")],
+                   base_name)
 
 
 # --------------------------------------------------------------------------------------------------
 # Gates
 
 
-def regressions(report: dict[str, Any], max_regression: float) -> list[str]:
+def _published_columns(report: dict[str, Any], what: tuple[str, ...] | list[str]):
+    """(task, column, its delta-CI key) for each artifact that is published: the adapter is judged by the `tuned`
+    column, the merged model by its own `merged` column (tuned where it was not scored separately)."""
+    for t in report.get("tasks", []):
+        if not t.get("base"):
+            continue
+        if "adapter" in what and t.get("tuned"):
+            yield t, "tuned", "delta_ci95"
+        if "merged" in what:
+            if t.get("merged"):
+                yield t, "merged", "merged_delta_ci95"
+            elif t.get("tuned") and "adapter" not in what:
+                yield t, "tuned", "delta_ci95"
+
+
+def regressions(report: dict[str, Any], max_regression: float, what: tuple[str, ...] | list[str] = ("adapter", "merged")) -> list[str]:
     """Tasks where the tuned model is worse than the base by more than `max_regression`, beyond doubt: the whole 95%
     interval of the paired delta must lie past the threshold (one item of 20 wrong is noise, not a regression). The
     threshold is an absolute drop for scores where higher is better (accuracy 0.62 -> 0.58 is 0.04) and a relative rise
     for perplexity-like metrics (10.0 -> 10.5 is 0.05), so one number reads the same on both. A report without an
     interval falls back to the point estimate."""
     out = []
-    for t in report.get("tasks", []):
-        if not t.get("tuned") or not t.get("base"):
-            continue
-        base, tuned = float(t["base"]["score"]), float(t["tuned"]["score"])
+    for t, who, delta_ci in _published_columns(report, what):
+        base, tuned = float(t["base"]["score"]), float(t[who]["score"])
         higher = t.get("higher_is_better", True)
-        ci = t.get("delta_ci95") or [tuned - base, tuned - base]
+        ci = t.get(delta_ci) or [tuned - base, tuned - base]
         scale = 1.0 if higher else max(abs(base), 1e-12)
         # the smallest worsening the interval allows: for higher-is-better the delta's upper end, negated
         surely_worse = (-float(ci[1]) if higher else float(ci[0])) / scale
         if surely_worse > max_regression:
             worse = (base - tuned) if higher else (tuned - base) / scale
-            out.append(f"{t['name']}: {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g}, and by at least "
+            out.append(f"{t['name']} ({'merged model' if who == 'merged' else 'adapter'}): {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g}, and by at least "
                        f"{surely_worse:.3g} > {max_regression} at 95% confidence; delta CI [{ci[0]:.3g}, {ci[1]:.3g}], n={t.get('n')})")
     return out
 
@@ -90,7 +110,7 @@ def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
     g = recipe.publish.gate
     out = []
     if g.max_regression is not None:
-        out += [f"regression on {r}" for r in regressions(read_json(run.eval / "report.json", {}), g.max_regression)]
+        out += [f"regression on {r}" for r in regressions(read_json(run.eval / "report.json", {}), g.max_regression, recipe.publish.what)]
     prov = read_json(run.data / "provenance.json", {"sources": []})
     if g.licence_conflicts:
         out += [f"licence: {c}" for c in licence_conflicts(recipe, prov["sources"])]
@@ -133,7 +153,7 @@ def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, forc
     what = list(recipe.publish.what)
 
     def write(dest: Path) -> list[str]:
-        return assemble(recipe, run, what, dest)
+        return assemble(recipe, run, what, dest, base_model_name)
 
     p = recipe.publish
     out = (publish_file(recipe.name, write, target) if target.startswith("file://") else
@@ -237,11 +257,13 @@ def publish_combination(folder: Path, to: str, what: list[str], private: bool, r
         raise UserError(f"{folder}: no merged/ (combine with --fold to publish a merged model)")
     if int(os.environ.get("RANK", "0")) != 0:
         return {"target": to, "skipped": "not rank 0"}
-    card = combination_card(folder, check)
+    card = combination_card(folder, check, to)
+    from .card import shown_base
 
     def write(dest: Path) -> list[str]:
         lay_out(dest, what, folder / "adapter", folder / "merged",
-                [(folder / "merge_check.json", "merge_check.json"), (folder / "eval" / "report.json", "eval_report.json")])
+                [(folder / "merge_check.json", "merge_check.json"), (folder / "eval" / "report.json", "eval_report.json")],
+                shown_base(check["base"]))
         (dest / "README.md").write_text(card, encoding="utf-8")  # last: replaces the stub card peft saves with an adapter
         return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 

@@ -45,6 +45,11 @@ class BaseModelSpec(Section):
         "randomly initialised stand-in of this family instead of downloading the model.",
     )
     license: str | None = Field(None, description="Licence of the base model weights (SPDX-style id, e.g. `apache-2.0`); goes into the model card.")
+    hub_id: str | None = Field(
+        None, description="The base's Hub id (`org/name`) when `id` is a local folder: named as `base_model` in the model card and in the "
+        "published adapter_config.json, so others can load the adapter (a local path never leaves this machine). Default: the "
+        "folder's config.json `_name_or_path` when that is a Hub id, else the folder's name.",
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on for repositories you trust.")
     dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (embeddings, norms, lm_head) and of the 16-bit base.")
 

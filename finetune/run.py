@@ -23,7 +23,9 @@ import yaml
 
 from data_prep.jsonl import read_jsonl  # noqa: F401  (the one JSONL reader, re-exported for the stages)
 
-STAGES = ("prepare", "cpt", "train", "eval", "merge", "publish")  # cpt runs only when the recipe's stages have it
+# cpt runs only when the recipe's stages have it. eval comes after merge: what is published (the merged model) is
+# what is evaluated, beside the adapter as trained.
+STAGES = ("prepare", "cpt", "train", "merge", "eval", "publish")
 
 
 def now() -> str:

@@ -564,3 +564,112 @@ def test_one_gold_class_is_warned_and_no_zero_width_interval_is_printed(tmp_path
     assert "same gold answer ('no')" in entry["warnings"][0]
     md = report_markdown({"tasks": [entry]})
     assert "[no interval: one gold class in the scored items]" in md and "[100.0, 100.0]" not in md and "**Warning** t:" in md
+
+
+# ---- 18: what is published is what is evaluated
+
+
+def test_the_merged_model_is_scored_beside_the_adapter_and_gated_on_its_own_column(legal_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.publish import regressions
+
+    report = json.loads((legal_run / "eval/report.json").read_text())
+    items = {t["name"]: [json.loads(l) for l in (legal_run / f"eval/items/{t['name']}.jsonl").read_text().splitlines()] for t in report["tasks"]}
+    for t in report["tasks"]:
+        assert {"base", "tuned", "merged", "merged_delta", "merged_delta_ci95"} <= t.keys()
+        assert all("merged" in it for it in items[t["name"]])
+    # the merged column is RUN/merged scored as a plain model: recompute the held-out perplexity from the saved weights
+    rows = [json.loads(l) for l in (legal_run / "data/val.jsonl").read_text().splitlines()]
+    recipe = yaml_load(legal_run / "recipe.yaml")
+    model = AutoModelForCausalLM.from_pretrained(legal_run / "merged", dtype=getattr(torch, recipe["merge"]["dtype"])).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids, labels = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+            logits = model(input_ids=ids).logits.float()[:, :-1]
+            tgt = labels[:, 1:]
+            mask = tgt != -100
+            lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll -= lp[mask].sum().item()
+            count += mask.sum().item()
+    held = next(t for t in report["tasks"] if t["name"] == "heldout")
+    assert held["merged"]["score"] == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-3)
+    assert held["merged"]["score"] != held["tuned"]["score"]  # not a copy of the adapter's column: another model
+    # the gate judges each published artifact by its own column
+    fake = {"tasks": [{**held, "higher_is_better": True, "base": {"score": 0.6}, "tuned": {"score": 0.6}, "merged": {"score": 0.5},
+                       "delta_ci95": [-0.01, 0.01], "merged_delta_ci95": [-0.15, -0.05]}]}
+    assert regressions(fake, 0.02, ["adapter"]) == []
+    assert [r.split(":")[0] for r in regressions(fake, 0.02, ["adapter", "merged"])] == ["heldout (merged model)"]
+    md = (legal_run / "eval/report.md").read_text()
+    assert "merged (published)" in md and "tuned (adapter)" in md
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_chat_and_generate_use_the_published_model_unless_asked(legal_run):
+    r = cli("generate", legal_run, "--prompt", "Define hearsay.", "--max-new-tokens", "3")
+    assert r.returncode == 0 and "model: the merged model" in r.stderr, r.stderr[-1500:]
+    r = cli("generate", legal_run, "--prompt", "Define hearsay.", "--max-new-tokens", "3", "--use", "adapter")
+    assert r.returncode == 0 and "model: the base as trained with the adapter" in r.stderr, r.stderr[-1500:]
+
+
+# ---- 11, 20: the card describes what it ships, with no local path
+
+
+def test_card_load_instructions_licence_datasets_and_base_name(legal_run, tmp_path):
+    import yaml
+
+    from finetune.card import front_matter
+
+    run = copy_run(legal_run, tmp_path / "run")
+    hub = tmp_path / "hub"
+    r = cli("publish", run, "--force", "--to", f"file://{hub}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    card = (hub / "0001/README.md").read_text()
+    front = front_matter(card)
+    assert 'AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")' in card and 'subfolder="merged"' in card
+    assert '"REPO"' not in card
+    from finetune.card import how_to_load
+
+    hub_text = "\n".join(how_to_load("hf://acme/legal-saul", ["adapter", "merged"], "m"))
+    assert 'AutoPeftModelForCausalLM.from_pretrained("acme/legal-saul")' in hub_text
+    assert 'AutoModelForCausalLM.from_pretrained("acme/legal-saul", subfolder="merged")' in hub_text
+    # front matter and text agree on the licence
+    assert front["license"] == "other" and front["license_name"] == "apache-2.0-and-mit"
+    assert "Licence `other` (named `apache-2.0-and-mit`)" in card
+    types = {res["task"]["name"]: res["dataset"]["type"] for res in front["model-index"][0]["results"]}
+    assert types["heldout"] == "heldout" and "validation split" not in types.values()
+    metric_names = {m["name"] for res in front["model-index"][0]["results"] for m in res["metrics"]}
+    assert {"perplexity (base)", "perplexity (tuned)", "perplexity (merged)"} <= metric_names
+    # the base is named by its public name in the card and in the published adapter's config; never a local path
+    cfg = json.loads((hub / "0001/adapter_config.json").read_text())
+    assert front["base_model"] == cfg["base_model_name_or_path"] == "finetune-smoke/tiny-mistral"
+    datacard = (run / "data/datacard.md").read_text()
+    assert "of `finetune-smoke/tiny-mistral`" in datacard and "recipe tokenizer" not in datacard
+    for text in (card, datacard, (hub / "0001/run.lock.json").read_text(), (hub / "0001/adapter_config.json").read_text()):
+        assert str(tmp_path) not in text and str(ROOT) not in text
+    # a real recipe with a local base folder: the card names base_model.hub_id
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["base_model"]["id"] == "$RUN/base"
+
+
+def test_a_local_base_folder_is_published_under_its_hub_id(tmp_path):
+    from finetune.pipeline import Context, public_base
+    from finetune.recipe import load_recipe
+    from finetune.run import RunDir
+
+    base = tmp_path / "models" / "Saul-7B"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    recipe, d = load_recipe(RECIPES / "legal.yaml", [f"base_model.id={base}"])
+    assert public_base(Context(recipe, d, RunDir(tmp_path / "r"))) == "Saul-7B"  # no Hub id known: the folder's name, not its path
+    (base / "config.json").write_text(json.dumps({"model_type": "mistral", "_name_or_path": "Equall/Saul-7B-Instruct-v1"}))
+    assert public_base(Context(recipe, d, RunDir(tmp_path / "r"))) == "Equall/Saul-7B-Instruct-v1"
+    recipe, d = load_recipe(RECIPES / "legal.yaml", [f"base_model.id={base}", "base_model.hub_id=acme/saul-internal"])
+    assert public_base(Context(recipe, d, RunDir(tmp_path / "r"))) == "acme/saul-internal"

@@ -4,6 +4,7 @@ and the model card field by field."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import shutil
 import time
@@ -37,9 +38,13 @@ def recipe_of(run: RunDir, *sets):
     return run.load_recipe([f"publish.to=file://{run.root / 'hub'}", *sets])[0]
 
 
-def local_files(run: RunDir) -> dict[str, bytes]:
-    """What the repository must hold, read from the run's own folders."""
+def local_files(run: RunDir, base_name: str = "m") -> dict[str, bytes]:
+    """What the repository must hold, read from the run's own folders: every file byte for byte, except that the
+    published adapter_config.json names the base by its public name instead of this machine's path."""
     out = {p.name: p.read_bytes() for p in run.adapter.iterdir() if p.is_file()}
+    cfg = json.loads(out["adapter_config.json"])
+    assert Path(cfg["base_model_name_or_path"]).is_absolute()  # the run's own copy points at the local stand-in
+    out["adapter_config.json"] = (json.dumps({**cfg, "base_model_name_or_path": base_name}, indent=2) + "\n").encode()
     out.update({f"merged/{p.relative_to(run.merged)}": p.read_bytes() for p in run.merged.rglob("*") if p.is_file()})
     out.update({"README.md": (run.card / "README.md").read_bytes(), "run.lock.json": run.lock.read_bytes(),
                 "eval_report.json": (run.eval / "report.json").read_bytes(), "merge_check.json": run.merge_check.read_bytes()})
@@ -76,7 +81,7 @@ def test_push_fails_midway_then_retries_into_one_commit_byte_for_byte(legal, tmp
         out = publish(r, run, "finetune-smoke/tiny-mistral", smoke=True)
     repo = hub.repos["acme/legal-saul"]
     assert hub.failed == 8 and out["attempts"] == 2 and len(repo.commits) == 1 and repo.private
-    want = local_files(run)
+    want = local_files(run, "finetune-smoke/tiny-mistral")
     assert repo.files.keys() == want.keys() and all(repo.files[k] == want[k] for k in want)
     assert {"adapter_model.safetensors", "tokenizer.json", "README.md", "run.lock.json", "merged/model.safetensors"} <= repo.files.keys()
     assert hub.tokens and all(t == f"Bearer {HF_FAKE}" for t in hub.tokens)  # the token went to the Hub only
@@ -100,7 +105,9 @@ def test_file_target_keeps_numbered_revisions(legal, tmp_path):
     first, second = target / "0001", target / "0002"
     want = local_files(run)
     got = {str(p.relative_to(first)): p.read_bytes() for p in first.rglob("*") if p.is_file() and p.name != ".revision.json"}
-    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    # the card was rewritten by the second publish (its "How to load" names what that one ships): compare it there
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want if k != "README.md")
+    assert (second / "README.md").read_bytes() == want["README.md"] and b'subfolder="merged"' in got["README.md"]
     assert not (second / "merged").exists() and (second / "adapter_model.safetensors").read_bytes() == want["adapter_model.safetensors"]
     meta = json.loads((first / ".revision.json").read_text())
     assert meta["revision"] == "0001" and len(meta["files"]["adapter_model.safetensors"]) == 64
@@ -127,12 +134,12 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
 
     edit_json(run.eval / "report.json", regress)
     r = recipe_of(run, "publish.gate.max_regression=0.02")
-    with pytest.raises(PublishRefused, match=rf"regression on {task['name']}: .* 0.6 -> 0.55 \(worse by 0.05, and by at least 0.03 > 0.02"):
+    with pytest.raises(PublishRefused, match=rf"regression on {task['name']} \(adapter\): .* 0.6 -> 0.55 \(worse by 0.05, and by at least 0.03 > 0.02"):
         publish(r, run, "m", smoke=True)
     assert publish(recipe_of(run, "publish.gate.max_regression=0.06"), run, "m", smoke=True)["files"]  # within the allowance
     # Perplexity: lower is better, compared relatively.
     edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(base={"score": 10.0, "ci95": [9, 11]}, tuned={"score": 10.5, "ci95": [9, 12]}, delta_ci95=[0.45, 0.55]))
-    with pytest.raises(PublishRefused, match=r"heldout: perplexity 10 -> 10.5 \(worse by 0.05"):
+    with pytest.raises(PublishRefused, match=r"heldout \(adapter\): perplexity 10 -> 10.5 \(worse by 0.05"):
         publish(recipe_of(run, "publish.gate.max_regression=0.06", "publish.gate.max_regression=0.04"), run, "m", smoke=True)
     edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(tuned={"score": 9.0, "ci95": [8, 10]}, delta_ci95=[-1.2, -0.8]))
 
@@ -156,10 +163,13 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
     assert out.exit_code == 0, out.output
     assert latest_revision(tmp_path / "pub").name == "0001"
     # A merged model that failed its check: never, not even forced.
+    # (publish itself is called: through the CLI, the edited merge_check.json makes the eval that read it stale first)
     edit_json(run.merge_check, lambda c: c.update(passed=False))
-    run.update_stage("merge", outputs=run.describe_outputs([run.merged, run.merge_check]))
+    with pytest.raises(PublishRefused, match="never published"):
+        publish(recipe_of(run, f"publish.to=file://{tmp_path / 'pub'}"), run, "m", smoke=True, force=True)
     out = runner.invoke(app, ["publish", str(run.root), "--to", f"file://{tmp_path / 'pub'}", "--force"])
-    assert out.exit_code == 3 and "never published" in out.output
+    assert out.exit_code == 2 and "out of date: merge (its outputs were modified or removed); eval (changed since it ran: file merge_check.json" in out.output, out.output
+    assert latest_revision(tmp_path / "pub").name == "0001"
 
 
 def test_card_fields(legal, tmp_path):
@@ -181,7 +191,7 @@ def test_card_fields(legal, tmp_path):
     assert [res["task"]["name"] for res in index["results"]] == [t["name"] for t in report["tasks"]]
     body = card.split("---\n", 2)[2]
     assert "> Some training data is licensed for non-commercial use only: so is this model." in body
-    for heading in ("## Evaluation (base vs tuned, identical prompts)", "## Training", "## Data provenance", "## Merge check",
+    for heading in ("## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "## Training", "## Data provenance", "## Merge check",
                     "## Intended use", "## How to load"):
         assert heading in body, heading
     assert "does not give legal advice" in body
