@@ -451,6 +451,10 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     run.check_ours("run directory")
     recipe, recipe_dir = run.load_recipe(overrides or [])
     m = run.manifest()
+    if stage == "eval" and not m.get("smoke"):
+        from .hub import check_hub
+
+        check_hub(recipe)
     ctx = Context(recipe, recipe_dir, run, bool(m.get("smoke")), m.get("base_model", recipe.base_model.id),
                   {stage} if force else set(), force_gates=force and stage == "publish")
     _quiet_libraries()
@@ -481,7 +485,7 @@ def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None,
     from .pipeline import make_context
 
     with tempfile.TemporaryDirectory(prefix="finetune-preflight-") as scratch:
-        ctx, resolved = make_context(str(recipe), set_ or [], smoke, scratch, [])
+        ctx, resolved = make_context(str(recipe), set_ or [], smoke, scratch, [], hub_required=False)
         typer.echo(f"{recipe}: valid ({ctx.recipe.name}, {ctx.recipe.domain}, base {ctx.original_base})")
         if not preflight:
             return

@@ -19,12 +19,29 @@ class LM(Protocol):
     def nll(self, examples: list[list[tuple[str, bool]]]) -> list[tuple[float, int]]: ...
 
 
+LOG_EVERY_S = 30.0  # off a terminal, one progress line per this many seconds: a long eval is not silent, a log stays short
+
+
 def _progress(it: Iterable, total: int, desc: str, show: bool):
+    import sys
+
     if not show:
         return it
-    from tqdm import tqdm
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(it, total=total, desc=desc, unit=" batch", leave=False, disable=None)  # None: no bar when not a terminal
+        return tqdm(it, total=total, desc=desc, unit=" batch", leave=False)  # items per second and ETA, redrawn
+    return _logged(it, total, desc)
+
+
+def _logged(it: Iterable, total: int, desc: str):
+    from .progress import Progress
+
+    bar = Progress(f"eval {desc}", total, "batch", seconds=LOG_EVERY_S)
+    bar.last_line = bar.t0  # the first line after LOG_EVERY_S, not at batch 1: short evals stay quiet
+    for k, x in enumerate(it, start=1):
+        yield x
+        bar.update(k)
 
 
 def stop_ids(tok) -> list[int]:

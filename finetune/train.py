@@ -49,6 +49,37 @@ def _callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, A
             with open(metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
 
+    class Steps(TrainerCallback):
+        """Step, loss, tokens/s and ETA: redrawn on a terminal, a log line every logging_steps otherwise (progress.py)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            from .progress import Progress
+
+            # off a terminal: a line at logging steps, at most ~100 in a run (a 7B run's log stays readable)
+            every = args.logging_steps * max(1, -(-(state.max_steps // 100) // args.logging_steps))
+            self.bar = Progress("train", state.max_steps, "step", every=every, start=state.global_step)
+            self.shown: dict[str, str] = {}
+            self.tokens0: tuple[float, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            self.shown["loss"] = f"{logs['loss']:.4f}"
+            if "num_tokens" in logs:
+                now = (time.time(), float(logs["num_tokens"]))
+                if self.tokens0 is None:
+                    self.tokens0 = now
+                elif now[0] > self.tokens0[0]:
+                    self.shown["tokens/s"] = f"{(now[1] - self.tokens0[1]) / (now[0] - self.tokens0[0]):,.0f}"
+            self.bar.update(state.global_step, **self.shown)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.is_world_process_zero and self.bar.tty:
+                self.bar.update(state.global_step, **self.shown)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.close()
+
     class Guard(TrainerCallback):
         """Before each optimizer step: a non-finite loss or gradient norm skips the update (grads dropped, so AdamW
         leaves the weights alone) up to `patience` times in a row, then stops training naming the step. HF's
@@ -100,7 +131,7 @@ def _callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, A
                 checkpoints.rotate(ckpt_dir, recipe.training.save_total_limit)  # single writer (transformers#20988)
             distributed.barrier()
 
-    return [Metrics(), Guard(), Preemption(), Checkpoints()]
+    return [Metrics(), Steps(), Guard(), Preemption(), Checkpoints()]
 
 
 def _finite_weights(folder: Path) -> None:

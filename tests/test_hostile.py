@@ -673,3 +673,77 @@ def test_a_local_base_folder_is_published_under_its_hub_id(tmp_path):
     assert public_base(Context(recipe, d, RunDir(tmp_path / "r"))) == "Equall/Saul-7B-Instruct-v1"
     recipe, d = load_recipe(RECIPES / "legal.yaml", [f"base_model.id={base}", "base_model.hub_id=acme/saul-internal"])
     assert public_base(Context(recipe, d, RunDir(tmp_path / "r"))) == "acme/saul-internal"
+
+
+# ---- 13: progress on a terminal and in logs
+
+
+def test_training_progress_is_logged_off_a_terminal_and_redrawn_on_one(legal_run, tmp_path):
+    import io
+
+    from finetune.progress import Progress
+
+    run = copy_run(legal_run, tmp_path / "run")
+    r = cli("train", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--force", "train", "--set", "training.logging_steps=5")
+    assert r.returncode == 0, r.stderr[-1500:]
+    lines = [l for l in r.stderr.splitlines() if "train: step" in l]
+    assert [l.split("step ")[1].split(" ")[0] for l in lines] == ["5/20", "10/20", "15/20", "20/20"], r.stderr[-2000:]
+    assert all("loss " in l and "ETA" in l for l in lines) and "tokens/s" in lines[-1]
+    assert sum("train: step" in l for l in (run / "logs/run.log").read_text().splitlines()) >= 4  # in the log file too
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = Progress("train", 4, "step", every=2, stream=out)
+    for step in range(1, 5):
+        bar.update(step, loss="1.0")
+    bar.close()
+    text = out.getvalue()
+    assert text.count("\r\033[K") == 4 and "step 4/4 (100%)" in text and text.endswith("\n")  # one line, redrawn in place
+
+
+# ---- 9: the Hub unreachable is said once
+
+
+def test_an_unreachable_hub_is_one_message_and_a_cached_run_goes_offline(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([*CLI, "run", str(RECIPES / "legal.yaml"), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "the Hugging Face Hub (http://127.0.0.1:9) cannot be reached" in errors[0], r.stderr[-2000:]
+    assert "model Equall/Saul-7B-Instruct-v1" in errors[0] and "--smoke" in errors[0]
+    assert "Retrying" not in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    r = subprocess.run([*CLI, "validate", str(RECIPES / "legal.yaml")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "cannot be reached" in r.stderr  # validate says it, and still validates
+
+    # everything in the local cache: one warning, then offline
+    import huggingface_hub.constants as hc
+
+    from finetune import hub
+    from finetune.recipe import load_recipe
+
+    recipe, _ = load_recipe(RECIPES / "legal.yaml")
+    cache = tmp_path / "hub-cache"
+    for kind, repo, rev in hub.hub_refs(recipe):
+        if kind == "model":
+            snap = cache / f"models--{repo.replace('/', '--')}"
+            (snap / "refs").mkdir(parents=True)
+            (snap / "refs/main").write_text("0" * 40)
+            (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
+            (snap / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+        else:
+            (cache / f"datasets--{repo.replace('/', '--')}").mkdir(parents=True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    hub.check_hub(recipe)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and hc.HF_HUB_OFFLINE is True
+    (cache / f"datasets--{'isaacus/open-australian-legal-qa'.replace('/', '--')}").rmdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(hub.HubUnreachable, match="dataset isaacus/open-australian-legal-qa"):
+        hub.check_hub(recipe)
