@@ -36,6 +36,7 @@ def test_jsonl_rows_holding_line_separators_read_back_whole(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_real_rows_with_u2028_and_u2029_train_end_to_end(shared_datasets, tmp_path):
     """GSM8K train row 2382 holds U+2028 and PubMedQA 28177278 holds U+2029: prepared, trained, evaluated, merged."""
     gsm = (shared_datasets / "gsm8k/train.jsonl").read_text(encoding="utf-8").split("\n")
@@ -89,6 +90,7 @@ def test_data_build_never_replaces_a_users_folder_or_file(tmp_path):
     assert sorted(p.name for p in project.iterdir()) == ["out", "out.tmp", "raw.jsonl", "spec.yaml"]
 
 
+@pytest.mark.slow
 def test_run_dir_holding_a_users_files_is_refused_before_a_byte_is_written(tmp_path):
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
@@ -130,6 +132,7 @@ def copy_run(run: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_directory_one_is_refused_naming_the_other(tmp_path):
     run = tmp_path / "run"
     procs = []
@@ -150,6 +153,7 @@ def test_two_runs_on_one_directory_one_is_refused_naming_the_other(tmp_path):
     assert (run / ".finetune.lock").read_text() == ""  # released, holder cleared
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_dead_process_is_named_and_taken_over(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
@@ -159,6 +163,7 @@ def test_a_lock_left_by_a_dead_process_is_named_and_taken_over(legal_run, tmp_pa
     assert f"pid {dead} on h, `finetune run x`, since t ended without releasing" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_held_lock_refuses_every_writing_command(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from finetune.runlock import exclusive\n"
@@ -174,6 +179,7 @@ def test_a_held_lock_refuses_every_writing_command(legal_run, tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_concurrent_publishes_to_one_folder_both_complete(legal_run, tmp_path):
     runs = [copy_run(legal_run, tmp_path / f"run{i}") for i in range(2)]
     target = tmp_path / "onprem"
@@ -190,6 +196,7 @@ def test_concurrent_publishes_to_one_folder_both_complete(legal_run, tmp_path):
 # ---- 4: nothing stale is published
 
 
+@pytest.mark.slow
 def test_publish_after_a_re_prepare_with_other_data_is_refused_naming_the_stage(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "data.val_fraction=0.3")
@@ -206,6 +213,7 @@ def test_publish_after_a_re_prepare_with_other_data_is_refused_naming_the_stage(
     assert sorted((run / "hub").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_another_recipe_prepared_into_the_run_blocks_publishing_the_old_adapter(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     r = cli("prepare", RECIPES / "math.yaml", "--smoke", "--run-dir", run)
@@ -239,6 +247,7 @@ def test_combination_publish_validates_options_and_needs_weights(tmp_path):
 # ---- 6: a moved run directory; relative publish targets
 
 
+@pytest.mark.slow
 def test_a_moved_run_publishes_and_generates_where_it_now_is(legal_run, tmp_path):
     moved = copy_run(legal_run, tmp_path / "elsewhere")
     old_hub = legal_run / "hub"
@@ -267,6 +276,7 @@ def test_a_relative_file_target_is_relative_to_the_recipe(tmp_path):
 # ---- 17: a stage's fingerprint holds only what that stage reads
 
 
+@pytest.mark.slow
 def test_changing_how_a_task_is_scored_reruns_eval_only(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.max_samples=3",
@@ -326,6 +336,7 @@ def test_duplicate_keys_and_recursive_aliases_are_refused(tmp_path):
     assert r.returncode == 2 and "recursive" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_one_row_after_cleaning_is_refused_with_the_reason(tmp_path):
     rows = [{"instruction": "What is consideration in contract law?", "output": "Something of value exchanged."}] * 39
     rows.append({"instruction": "Define tort.", "output": "A civil wrong."})
@@ -335,12 +346,14 @@ def test_one_row_after_cleaning_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "run/adapter").exists()
 
 
+@pytest.mark.slow
 def test_truncate_applies_the_reject_rate_like_drop(tmp_path):
     r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--set", "data.overlong=truncate",
             "--set", "data.max_length=40", "--set", "data.quality.max_reject_rate=0.1")
     assert r.returncode == 2 and "could not be encoded within max_length 40" in r.stderr and "overlong: truncate" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_node_rank_outside_the_nodes_is_refused_at_once(tmp_path):
     r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "run", "--gpus", "2", "--nodes", "2", "--node-rank", "5",
             "--main-address", "127.0.0.1", timeout=60)
@@ -351,9 +364,8 @@ def test_a_node_rank_outside_the_nodes_is_refused_at_once(tmp_path):
 # ---- 7: one line a person can act on; the traceback only with --debug or in the log
 
 
-def test_a_read_only_run_dir_and_a_full_disk_say_one_line(legal_run, tmp_path, monkeypatch):
-    if os.geteuid() == 0:  # root writes through permissions: a read-only bind is not available here, so simulate EROFS
-        pass
+@pytest.mark.slow
+def test_a_full_disk_says_one_line_and_the_manifest_keeps_the_real_error(legal_run, tmp_path):
     run = copy_run(legal_run, tmp_path / "run")
     # the disk fills while eval writes: one line naming the path, exit 1, the manifest write does not hide it
     script = ("import errno, sys\nfrom finetune import harness\n"
@@ -381,6 +393,7 @@ def test_permission_errors_name_the_path_and_debug_prints_the_traceback(tmp_path
         assert ("Traceback" in r.stderr) == bool(debug)
 
 
+@pytest.mark.slow
 def test_unexpected_errors_print_one_line_and_smoke_reads_odd_sample_files(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -406,6 +419,7 @@ def test_teacher_unreachable_and_png_into_a_new_folder(tmp_path, shared_datasets
 # ---- 9: blame the right place; fail fast
 
 
+@pytest.mark.slow
 def test_bad_set_and_to_name_the_option_not_the_recipe(legal_run, tmp_path):
     r = cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", tmp_path / "r", "--set", "training.learning_rate=fast")
     assert r.returncode == 2 and "--set: invalid value" in r.stderr and "[from --set training.learning_rate=fast]" in r.stderr, r.stderr
@@ -462,6 +476,7 @@ def test_chat_commands_are_never_sent_and_ctrl_c_stops_only_the_answer():
 # ---- 15: help and console output
 
 
+@pytest.mark.slow
 def test_help_output_is_plain_and_each_line_said_once(legal_run, tmp_path):
     from typer.testing import CliRunner
 
@@ -569,6 +584,7 @@ def test_one_gold_class_is_warned_and_no_zero_width_interval_is_printed(tmp_path
 # ---- 18: what is published is what is evaluated
 
 
+@pytest.mark.slow
 def test_the_merged_model_is_scored_beside_the_adapter_and_gated_on_its_own_column(legal_run):
     import torch
     from transformers import AutoModelForCausalLM
@@ -612,6 +628,7 @@ def yaml_load(path):
     return yaml.safe_load(path.read_text())
 
 
+@pytest.mark.slow
 def test_chat_and_generate_use_the_published_model_unless_asked(legal_run):
     r = cli("generate", legal_run, "--prompt", "Define hearsay.", "--max-new-tokens", "3")
     assert r.returncode == 0 and "model: the merged model" in r.stderr, r.stderr[-1500:]
@@ -622,6 +639,7 @@ def test_chat_and_generate_use_the_published_model_unless_asked(legal_run):
 # ---- 11, 20: the card describes what it ships, with no local path
 
 
+@pytest.mark.slow
 def test_card_load_instructions_licence_datasets_and_base_name(legal_run, tmp_path):
     import yaml
 
@@ -678,6 +696,7 @@ def test_a_local_base_folder_is_published_under_its_hub_id(tmp_path):
 # ---- 13: progress on a terminal and in logs
 
 
+@pytest.mark.slow
 def test_training_progress_is_logged_off_a_terminal_and_redrawn_on_one(legal_run, tmp_path):
     import io
 
