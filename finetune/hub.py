@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,13 +30,18 @@ def hub_refs(recipe) -> list[tuple[str, str, str | None]]:
     """(kind, id, revision) of everything a recipe reads from the Hub: `model` or `dataset`."""
     out: list[tuple[str, str, str | None]] = []
     b = recipe.base_model
-    if not Path(b.id).expanduser().exists():
+    if is_hub_id(b.id) and not Path(b.id).expanduser().exists():
         out.append(("model", b.id, b.revision))
     locations = [*recipe.data.sources, *recipe.data.quality.decontaminate.against, *recipe.eval.tasks,
                  *[t.fewshot for t in recipe.eval.tasks if t.fewshot is not None],
                  *(recipe.cpt.sources if recipe.cpt is not None and "cpt" in recipe.stages else [])]
     out += [("dataset", loc.hub, loc.revision) for loc in locations if getattr(loc, "hub", None)]
     return list(dict.fromkeys(out))
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` or `name`, as the Hub spells repositories; a path (absolute, ./, ~, deeper) is a local folder."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
 
 
 def endpoint() -> str:
@@ -57,7 +63,10 @@ def cached(kind: str, repo: str, revision: str | None) -> bool:
     if kind == "model":
         from huggingface_hub import try_to_load_from_cache
 
-        got = try_to_load_from_cache(repo, "config.json", revision=revision if revision not in (None, "main") else None)
+        try:
+            got = try_to_load_from_cache(repo, "config.json", revision=revision if revision not in (None, "main") else None)
+        except ValueError:  # not a valid repository name: huggingface_hub cannot have it either
+            return False
         return isinstance(got, str)
     from huggingface_hub import constants
 

@@ -468,7 +468,9 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
 
     from .hub import check_hub
 
-    check_hub(recipe, fail=options.pop("hub_required", True))  # one message now, not minutes of retries later
+    required = options.pop("hub_required", True)
+    if not smoke:  # --smoke is offline by design
+        check_hub(recipe, fail=required)  # one message now, not minutes of retries later
     gone = missing_files(recipe, recipe_dir)
     if gone:
         raise UserError(f"{recipe_path}: {len(gone)} file{'s' if len(gone) > 1 else ''} the recipe names "

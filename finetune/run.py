@@ -176,34 +176,28 @@ def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) ->
 RUN_TOKEN = "$RUN"  # RUN/recipe.yaml names the run's own files ($RUN/base, file://$RUN/hub) so a moved run still works
 
 
-def portable(obj: Any, root: Path) -> Any:
-    """Absolute paths inside the run folder (the --smoke stand-in, its hub) written as `$RUN/...`."""
-    top = str(Path(root).resolve())
+def _swap_prefix(obj: Any, old: str, new: str, sep: str) -> Any:
+    """Every string (or file:// URL) of a recipe document that is `old` or starts with `old` + `sep`, with `new` instead."""
     if isinstance(obj, dict):
-        return {k: portable(v, root) for k, v in obj.items()}
+        return {k: _swap_prefix(v, old, new, sep) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [portable(v, root) for v in obj]
+        return [_swap_prefix(v, old, new, sep) for v in obj]
     if isinstance(obj, str):
         scheme = "file://" if obj.startswith("file://") else ""
         rest = obj[len(scheme):]
-        if rest == top or rest.startswith(top + os.sep):
-            return scheme + RUN_TOKEN + rest[len(top):]
+        if rest == old or rest.startswith(old + sep):
+            return scheme + new + rest[len(old):]
     return obj
+
+
+def portable(obj: Any, root: Path) -> Any:
+    """Absolute paths inside the run folder (the --smoke stand-in, its hub) written as `$RUN/...`."""
+    return _swap_prefix(obj, str(Path(root).resolve()), RUN_TOKEN, os.sep)
 
 
 def localise(obj: Any, root: Path) -> Any:
     """The inverse of `portable` for the run's current location."""
-    top = str(Path(root).resolve())
-    if isinstance(obj, dict):
-        return {k: localise(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [localise(v, root) for v in obj]
-    if isinstance(obj, str):
-        scheme = "file://" if obj.startswith("file://") else ""
-        rest = obj[len(scheme):]
-        if rest == RUN_TOKEN or rest.startswith(RUN_TOKEN + "/"):
-            return scheme + top + rest[len(RUN_TOKEN):]
-    return obj
+    return _swap_prefix(obj, RUN_TOKEN, str(Path(root).resolve()), "/")
 
 
 def write_recipe(run: RunDir, data: dict[str, Any], header: str) -> None:
