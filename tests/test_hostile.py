@@ -766,3 +766,20 @@ def test_an_unreachable_hub_is_one_message_and_a_cached_run_goes_offline(tmp_pat
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(hub.HubUnreachable, match="dataset isaacus/open-australian-legal-qa"):
         hub.check_hub(recipe)
+
+
+def test_report_chart_uses_percent_like_the_tables(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from finetune.harness import report_png
+
+    seen = {}
+    original_ylim = Axes.set_ylim
+    monkeypatch.setattr(Axes, "set_ylim", lambda self, *a, **k: (seen.__setitem__("ylim", a), original_ylim(self, *a, **k))[1])
+    heights = []
+    original_bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, x, h, *a, **k: (heights.append(h), original_bar(self, x, h, *a, **k))[1])
+    task = {"name": "t", "metric": "accuracy", "n": 10, "higher_is_better": True, "base": {"score": 0.2, "ci95": [0.05, 0.5]},
+            "tuned": {"score": 0.4, "ci95": [0.17, 0.69]}, "merged": {"score": 0.4, "ci95": [0.17, 0.69]}}
+    report_png({"tasks": [task]}, tmp_path / "r.png")
+    assert seen["ylim"] == (0, 100) and heights == [pytest.approx(20.0), pytest.approx(40.0), pytest.approx(40.0)]
