@@ -18,8 +18,7 @@ from .run import RunDir
 def check_run(run_dir: Path) -> RunDir:
     """A run directory with a trained adapter, or one clear message (cheap: no torch)."""
     run = RunDir(run_dir)
-    if not run.recipe.exists() or not run.manifest_path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
+    run.require()
     if not (run.adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir}: no trained adapter yet (run `finetune run RECIPE` or `finetune train RECIPE` first)")
     return run

@@ -1,6 +1,6 @@
 """The `finetune` command line: parse, then call stage functions. Importing it must not import torch.
 
-Exit codes (DESIGN.md): 0 success; 1 runtime failure; 2 bad usage, recipe or data; 3 publish refused by a gate.
+Exit codes (README.md, docs/architecture.md): 0 success; 1 runtime failure; 2 bad usage, recipe or data; 3 publish refused by a gate.
 """
 
 from __future__ import annotations
@@ -446,9 +446,7 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     from .run import RunDir
 
     run = RunDir(run_dir)
-    if not run.recipe.exists() or not run.manifest_path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
-    run.check_ours("run directory")
+    run.require()
     recipe, recipe_dir = run.load_recipe(overrides or [])
     m = run.manifest()
     if stage == "eval" and not m.get("smoke"):

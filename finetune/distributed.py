@@ -5,7 +5,7 @@ the same command under torchrun (`python -m torch.distributed.run`), one process
 `distributed.strategy` picks DDP (a 4-bit copy of the base per rank, the QLoRA default) or, through accelerate,
 FSDP (sharded QLoRA, bnb_4bit_quant_storage in the compute dtype as in Answer.AI's FSDP+QLoRA) or DeepSpeed ZeRO-3.
 Without CUDA, `--gpus N` starts N CPU processes over gloo, so the multi-process path is tested anywhere
-(`accelerate launch --cpu` would silently start one process: ENVIRONMENT.md section 9).
+(`accelerate launch --cpu` would silently start one process).
 
 Once launched, rank 0 alone prepares the data (tokenised once, then read by every rank), writes the manifest,
 checkpoint metadata and card, evaluates, merges and publishes; the other ranks take part in training only and wait

@@ -1,4 +1,4 @@
-"""Errors the CLI maps to exit codes (DESIGN.md: 2 bad input, 3 publish refused by a gate)."""
+"""Errors the CLI maps to exit codes (README.md: 2 bad input, 3 publish refused by a gate)."""
 
 
 class UserError(Exception):

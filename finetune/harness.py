@@ -76,7 +76,7 @@ def model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any
 
 
 def task_entry(task: EvalTask, base: list[dict], tuned: list[dict] | None, source: str) -> dict[str, Any]:
-    """One task's entry of report.json (DESIGN.md's schema, plus n per model, secondary metrics and the paired delta CI)."""
+    """One task's entry of report.json (docs/architecture.md; plus n per model, secondary metrics and the paired delta CI)."""
     entry: dict[str, Any] = {"name": task.name, "type": task.type, "metric": task.metric, "higher_is_better": task.higher_is_better,
                              "n": len(base), "source": source, "base": model_scores(task, base)}
     if tuned is not None:

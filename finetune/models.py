@@ -10,7 +10,7 @@ Three things transformers 5.23 + bitsandbytes 0.50.2 get wrong for QLoRA, each f
    `all-linear`; `moe.unfuse_experts` turns them into per-expert linears, which are then quantized like the rest.
 3. On CPUs with AVX512-BF16, the first `Linear4bit` forward in eval mode under no_grad repacks the weights in place
    to a format without autograd support; training after any eval then gets wrong gradients. We switch that
-   repacking off on every `Linear4bit` (ENVIRONMENT.md section 5).
+   repacking off on every `Linear4bit` (found on this stack: bitsandbytes repacks 4-bit weights for CPU kernels).
 
 A fourth trap we guard rather than fix: bitsandbytes' native CPU 4-bit dequantization is wrong when a
 quantization block (64 values) spans two weight rows, i.e. when `in_features % 64 != 0`. Real models never have

@@ -3,7 +3,7 @@
 A stage's fingerprint hashes the recipe sections it reads and the hashes of the files it reads, the outputs of the
 stages before it included. It is skipped when the manifest has it done with that fingerprint and its outputs are
 intact; otherwise it runs. A stage after it reruns when what it reads changed, not merely because an earlier stage
-ran (DESIGN.md reran every later stage: a new eval then re-merged a 7B model for nothing). `force` names stages to
+ran (the first design reran every later stage: a new eval then re-merged a 7B model for nothing). `force` names stages to
 rerun regardless.
 """
 

@@ -64,7 +64,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 class RunDir:
-    """Paths of one run (DESIGN.md's layout) and its manifest."""
+    """Paths of one run (README.md, "Run directory") and its manifest."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -101,6 +101,14 @@ class RunDir:
         recipe, _ = load_recipe(self.recipe, overrides, localise=lambda d: localise(d, self.root))
         where = self.manifest().get("recipe_dir")
         return recipe, Path(where) if where and Path(where).is_dir() else self.root.resolve()
+
+    def require(self) -> None:
+        """A finished or started run of ours, or one clear message (exit 2; cheap: no torch)."""
+        from .errors import UserError
+
+        if not self.recipe.exists() or not self.manifest_path.exists():
+            raise UserError(f"{self.root}: not a run directory (no recipe.yaml and manifest.json); give the folder `finetune run` made")
+        self.check_ours("run directory")
 
     def claim(self) -> None:
         from data_prep.outputs import mark

@@ -3,7 +3,7 @@
 RUN/logs/metrics.jsonl is written whatever is chosen (train.py). On top of it, `tracking.report_to`:
 - wandb: online when WANDB_API_KEY is set, offline (files under RUN/logs/wandb, `wandb sync` later) otherwise, so a
   machine without a key never fails at step 0; `finish()` always closes the run, which the Trainer never does
-  (an offline run stays an 8-byte file until it is called, ENVIRONMENT.md section 7);
+  (an offline run stays an 8-byte file until it is called);
 - tensorboard: event files under RUN/logs/tensorboard;
 - mlflow: the tracking server in MLFLOW_TRACKING_URI, or a file store under RUN/logs/mlruns.
 Keys come from the environment only; what the Trainer sends as config is TrainingArguments.to_dict(), which masks

@@ -3,7 +3,7 @@ the generation prompt and 3 seed tasks sampled at random, and asks it to continu
 kept when they pass Alpaca's filters and are novel (ROUGE-L F1 < 0.7 against every instruction kept so far,
 seeds included).
 
-The generation prompt is the user's (e.g. ../shared/datasets/alpaca/prompt.txt; Alpaca's data is CC BY-NC 4.0),
+The generation prompt is the user's (e.g. Alpaca's prompt.txt; Alpaca's data is CC BY-NC 4.0),
 and so are the seeds: nothing of Alpaca's is shipped here. Numbers below are Alpaca's settings.
 """
 
