@@ -122,8 +122,16 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     if smoke:
         lines += ["> **Smoke test.** Trained by `finetune run --smoke`: a tiny randomly initialised stand-in of the "
                   f"{recipe.base_model.family} family and sample data. It checks the pipeline; it is not a usable model.", ""]
+    lock = read_json(run.lock, {})
+    if lock.get("laptop"):
+        lines += ["> **Laptop rehearsal.** Trained by `finetune run --laptop`: the recipe's data pipeline, template and eval "
+                  f"tasks with the small `{base_model_name}` on a CPU, in minutes. It shows the recipe works and what it moves; "
+                  "it is not the specialist the recipe describes.", ""]
     lines += [f"A {recipe.domain} specialist fine-tuned from `{base_model_name}` with "
               f"{'QLoRA (4-bit NF4 base)' if recipe.quantization.bits == 4 else 'LoRA'} on all linear layers by finetune.", ""]
+    gguf = lock.get("base_gguf")
+    if gguf:
+        lines += [f"The base was read from the GGUF file `{gguf['file']}` (sha256 `{gguf['sha256']}`), dequantized to {gguf.get('dtype', 'float32')}.", ""]
     lines += [f"> {w}" for w in warnings] + ([""] if warnings else [])
     lines += ["## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "", report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
     lines += ["## Training", "",
@@ -149,7 +157,8 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
         lines += ["", "## Merge check", "",
                   f"Merged into the {check['base']} base and saved as {check['saved_dtype']}. On {check['probes']} probe rows the adapter "
                   f"moved the base's logits by up to {check['adapter_vs_base_max_abs_diff']:.3g}; merged and adapter logits differ by at most "
-                  f"{check['merged_vs_adapter_max_abs_diff']:.2e} in float32 (tolerance {check['atol']:.0e})."]
+                  f"{check['merged_vs_adapter_max_abs_diff']:.2e} in float32 (tolerance {check['atol']:.2e}"
+                  f"{', derived from float32 rounding and the logits size' if check.get('atol_source') == 'derived' else ''})."]
         ppl = check.get("perplexity") or {}
         if ppl:
             lines += ["", "| probe perplexity | " + " | ".join(ppl) + " |", "|---|" + "---|" * len(ppl),
@@ -230,7 +239,7 @@ def combination_card(folder: Path, check: dict[str, Any], to: str | None = None)
               f"{check['combined_vs_base_max_abs_diff']:.3g}."]
     if check.get("merged_vs_adapter_max_abs_diff") is not None:
         lines.append(f"Folded into the base (merged/): logits within {check['merged_vs_adapter_max_abs_diff']:.2e} of the adapter "
-                     f"(tolerance {check['atol']:.0e}).")
+                     f"(tolerance {check['atol']:.2e}).")
     lines += ["", "## Evaluation (base vs combined)", "", report_markdown(report) if report["tasks"] else "Not evaluated: run "
               "`finetune eval BASE --adapter FOLDER/adapter --tasks TASKS.yaml --out FOLDER/eval` before publishing.", "",
               "## Intended use", "", "Check outputs before relying on them; the inputs' own cards state their domains and limits.", "",

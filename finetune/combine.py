@@ -75,12 +75,12 @@ def check_inputs(base: str, adapters: list[Path], method: str, weights: list[flo
 
 
 def combine(base: str, adapters: list[Path], method: str, weights: list[float] | None, density: float, out: Path,
-            seed: int = 0, fold: bool = False, atol: float = 1e-4) -> dict[str, Any]:
+            seed: int = 0, fold: bool = False, atol: float | None = None) -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .merge import logits, max_diff
+    from .merge import logits, max_diff, tolerance
 
     weights = weights or [1.0 / len(adapters)] * len(adapters)
     configs = check_inputs(base, adapters, method, weights)
@@ -125,12 +125,13 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
         "probes": len(PROBES),
     }
     if fold:
+        atol, why = tolerance(model, combined_logits, mask, changed, atol)
         merged = model.merge_and_unload(adapter_names=["default"])
         diff = max_diff(logits(merged, ids, mask), combined_logits, mask)
-        check.update(merged_vs_adapter_max_abs_diff=diff, atol=atol, passed=diff <= atol)
+        check.update(merged_vs_adapter_max_abs_diff=diff, atol=atol, **why, passed=diff <= atol)
         if diff > atol:
             write_json(out / "merge_check.json", check)
-            raise UserError(f"folding the combined adapter into the base changed its outputs by {diff:.2e} > {atol}")
+            raise UserError(f"folding the combined adapter into the base changed its outputs by {diff:.2e} > {atol:.2e}")
         shutil.rmtree(out / "merged", ignore_errors=True)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tok.save_pretrained(out / "merged")
