@@ -232,6 +232,7 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
         eval_steps=t.eval_steps,
         max_length=max_length,
         packing=packing,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not packing else "random",
         gradient_checkpointing=t.activation_checkpointing,
         bf16=bf16,
         fp16=on_gpu and recipe.quantization.compute_dtype == "float16",
