@@ -14,12 +14,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, RowError
+
+log = logging.getLogger("finetune")
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 
@@ -254,6 +257,9 @@ def _hf_disk(path: Path, split: str) -> Opened:
                                                               "sha256": sha256_folder(files, path), "fingerprint": ds._fingerprint})
 
 
+PARQUET_BRANCH = "refs/convert/parquet"  # the Hub's automatic Parquet export of a dataset repository
+
+
 def open_hub(hub: str, config: str | None, split: str, revision: str | None) -> Opened:
     """A Hugging Face dataset by id. Needs the network the first time (then the local cache); offline, the message
     says so and points at `path:` with a local copy."""
@@ -261,7 +267,16 @@ def open_hub(hub: str, config: str | None, split: str, revision: str | None) -> 
 
     where = f"hf://{hub}"
     try:
-        ds = datasets.load_dataset(hub, config, split=split, revision=revision)
+        try:
+            ds = datasets.load_dataset(hub, config, split=split, revision=revision)
+        except RuntimeError as e:
+            # datasets >= 4 no longer runs loading scripts; repositories that still ship one (nguha/legalbench,
+            # isaacus/open-australian-legal-qa) load from the Parquet export the Hub keeps of them.
+            if "scripts are no longer supported" not in str(e) or revision not in (None, "main"):
+                raise
+            log.warning("%s ships a loading script, which datasets no longer runs: reading its Parquet export (revision %s)", where, PARQUET_BRANCH)
+            revision = PARQUET_BRANCH
+            ds = datasets.load_dataset(hub, config, split=split, revision=revision)
     except Exception as e:  # network, missing dataset, bad config: all the user's to fix
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{where}: cannot load the dataset ({type(e).__name__}: {msg}); offline, download it once and use "
