@@ -41,6 +41,11 @@ class Location(Section):
     )
     limit: int | None = Field(None, ge=1, description="Read only the first N rows (quick runs).")
     license: str | None = Field(None, description="Licence of this data (SPDX-style id); recorded in provenance and the model card.")
+    local: dict[str, Any] | None = Field(
+        None, description="The local-file alternative of a `hub` location: the keys that replace `hub`, `config`, `split` and "
+        "`revision` when the dataset's own files are on disk, e.g. `{path: gsm8k/train.jsonl}`. `finetune run --laptop` reads "
+        "it, with `path` (and `*_ids`, `prompt_file`) relative to `--data-dir`.",
+    )
 
     @model_validator(mode="after")
     def _one_place(self) -> "Location":

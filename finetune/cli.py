@@ -52,8 +52,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file (see `finetune schema`).")]
 SmokeOpt = Annotated[bool, typer.Option("--smoke", help="Tiny stand-in model and sample data: the whole pipeline on a CPU in minutes, offline.")]
+LaptopOpt = Annotated[bool, typer.Option("--laptop", help="The real small model (SmolLM2-135M-Instruct) through every stage on a CPU: "
+                                         "the recipe's pipeline, template and tasks, sized to about 15 minutes on 2 cores.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", metavar="DIR", help="With --laptop: where the `local:` files of the "
+                                                   "recipe's Hub sources and tasks are (default: the recipe's folder).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", metavar="DIR", help="Run directory (default runs/<name>/, runs/<name>-smoke/ with --smoke).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", metavar="DIR", help="Run directory (default runs/<name>/, runs/<name>-smoke/ "
+                                                  "with --smoke, runs/<name>-laptop/ with --laptop).")]
 ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", metavar="STAGE", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip stages done with the same inputs and continue an interrupted "
                                          "training from its newest complete checkpoint (default); --no-resume starts training over.")]
@@ -161,11 +166,12 @@ def _quiet_libraries() -> None:
 
 
 def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force, resume=True, allow_drift=False,
-         show_example=False, scale: dict | None = None) -> None:
+         show_example=False, scale: dict | None = None, laptop: bool = False, data_dir: Path | None = None) -> None:
     from .pipeline import make_context
 
     ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
-                                 resume=resume, allow_drift=allow_drift, show_example=show_example)
+                                 resume=resume, allow_drift=allow_drift, show_example=show_example, laptop=laptop,
+                                 data_dir=str(data_dir) if data_dir else None)
     nodes, node_rank = (scale or {}).get("nodes") or ctx.recipe.distributed.nodes, (scale or {}).get("node_rank") or 0
     if not node_rank < nodes:
         raise UserError(f"--node-rank {node_rank}: node ranks run from 0 to --nodes - 1 ({nodes - 1}); this one would wait forever")
@@ -187,6 +193,7 @@ def _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, 
     gpus, nodes = scale.get("gpus") or d.gpus, scale.get("nodes") or d.nodes
     if (gpus > 1 or nodes > 1) and not distributed.active():
         argv = [stages[-1] if stages[-1] != "publish" else "run", str(recipe), *(["--smoke"] if smoke else []),
+                *(["--laptop"] if ctx.laptop else []),
                 *[a for o in overrides or [] for a in ("--set", o)], "--run-dir", str(ctx.run.root),
                 *[a for f in force or [] for a in ("--force", f)], *([] if resume else ["--no-resume"]),
                 *(["--allow-drift"] if allow_drift else []), *(["--show-example"] if show_example else [])]
@@ -244,22 +251,24 @@ MainOpt = Annotated[Optional[str], typer.Option("--main-address", metavar="HOST"
 
 @app.command()
 @_guard
-def run(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+def run(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
+        run_dir: RunDirOpt = None, force: ForceOpt = None,
         resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
         nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
     """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped.
 
     SIGTERM or Ctrl-C during training finishes the step, writes a checkpoint and exits 143; the same command continues."""
     _run(recipe, STAGES, smoke, set_, run_dir, force, resume, allow_drift, show_example,
-         {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address})
+         {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address}, laptop, data_dir)
 
 
 def _stage_command(stage: str, doc: str):
-    def command(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+    def command(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
+                run_dir: RunDirOpt = None, force: ForceOpt = None,
                 resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
                 nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
         _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force, resume, allow_drift, show_example,
-             {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address})
+             {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address}, laptop, data_dir)
 
     command.__doc__ = doc
     app.command(name=stage)(_guard(command))
@@ -267,16 +276,18 @@ def _stage_command(stage: str, doc: str):
 
 @app.command(name="prepare")
 @_guard
-def prepare_(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
+def prepare_(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
+             run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
     """Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md."""
-    _run(recipe, STAGES[:1], smoke, set_, run_dir, force)
+    _run(recipe, STAGES[:1], smoke, set_, run_dir, force, laptop=laptop, data_dir=data_dir)
 _stage_command("train", "Train the adapter (runs prepare first if it is not done).")
 
 
 @app.command()
 @_guard
 def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
-          smoke: SmokeOpt = False, set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+          smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
+          run_dir: RunDirOpt = None, force: ForceOpt = None,
           base: Annotated[Optional[str], typer.Option("--base", metavar="MODEL", help="Without a recipe: the base model the adapters were trained on.")] = None,
           adapters: Annotated[Optional[list[str]], typer.Option("--adapters", metavar="DIR[,DIR...]", help="Adapter folders to combine (repeat, or comma-separated).")] = None,
           method: Annotated[str, typer.Option("--method", metavar="METHOD", help="linear, ties, dare_ties, dare_linear or cat.")] = "linear",
@@ -308,7 +319,7 @@ def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", h
         return
     if recipe is None:
         raise UserError("finetune merge: give a RECIPE, or --base/--adapters/--out to combine adapters")
-    _run(recipe, STAGES[: STAGES.index("merge") + 1], smoke, set_, run_dir, force)
+    _run(recipe, STAGES[: STAGES.index("merge") + 1], smoke, set_, run_dir, force, laptop=laptop, data_dir=data_dir)
 
 
 
@@ -472,7 +483,7 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
 
 @app.command()
 @_guard
-def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None,
+def validate(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
              preflight: Annotated[bool, typer.Option("--preflight", help="Also build a sample of the training data with the "
                                                      "recipe's tokenizer and template and check it as training would (one BOS, "
                                                      "EOS supervised, prompt masked, response marker, truncation, prompt parity).")] = False,
@@ -483,7 +494,8 @@ def validate(recipe: RecipeArg, smoke: SmokeOpt = False, set_: SetOpt = None,
     from .pipeline import make_context
 
     with tempfile.TemporaryDirectory(prefix="finetune-preflight-") as scratch:
-        ctx, resolved = make_context(str(recipe), set_ or [], smoke, scratch, [], hub_required=False)
+        ctx, resolved = make_context(str(recipe), set_ or [], smoke, scratch, [], hub_required=False, laptop=laptop,
+                                     data_dir=str(data_dir) if data_dir else None)
         typer.echo(f"{recipe}: valid ({ctx.recipe.name}, {ctx.recipe.domain}, base {ctx.original_base})")
         if not preflight:
             return

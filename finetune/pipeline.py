@@ -42,6 +42,8 @@ class Context:
     allow_drift: bool = False  # ... even when its recipe sections or input files changed since
     show_example: bool = False  # preflight failures print the offending sample's text (redacted otherwise)
     force_gates: bool = False  # `finetune publish --force`: publish even when a gate says no
+    laptop: bool = False  # --laptop: the real small model on a CPU (laptop.py)
+    gguf: dict[str, str] | None = None  # a GGUF base: its file name and sha256 (gguf.py), for run.lock and the card
 
 
 from .errors import UserError  # noqa: E402
@@ -116,7 +118,8 @@ def write_lock(ctx: Context) -> None:
     prov = read_json(ctx.run.data / "provenance.json", {})
     write_json(ctx.run.lock, {
         "created": now(), "versions": _versions(), "finetune_git_commit": _git_commit(), "hardware": hw,
-        "seed": ctx.recipe.training.seed, "smoke": ctx.smoke, "base_model": ctx.original_base,
+        "seed": ctx.recipe.training.seed, "smoke": ctx.smoke, "laptop": ctx.laptop, "base_model": ctx.original_base,
+        **({"base_gguf": ctx.gguf} if ctx.gguf else {}),
         "data": {name: sha256_file(ctx.run.data / name) for name in ("train.jsonl", "val.jsonl") if (ctx.run.data / name).exists()},
         "sources": [{k: v for k, v in s.items() if k in ("path", "hub", "revision", "sha256", "license")} for s in prov.get("sources", [])],
     })
@@ -297,6 +300,8 @@ def public_base(ctx: Context) -> str:
         return f"finetune-smoke/tiny-{b.family}"
     if b.hub_id:
         return b.hub_id
+    if ctx.gguf:
+        return ctx.gguf["file"]
     local = Path(b.id).expanduser()
     if not local.is_dir():
         return b.id
@@ -456,7 +461,13 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
 
         close = difflib.get_close_matches(bad[0], STAGES, n=1)
         raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(STAGES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
-    default = Path("runs") / (recipe.name + ("-smoke" if smoke else ""))
+    laptop, data_dir = options.pop("laptop", False), options.pop("data_dir", None)
+    if laptop and smoke:
+        raise UserError("--smoke and --laptop are two profiles: --smoke checks the wiring with a tiny random model in seconds, "
+                        "--laptop trains the real small model in minutes; give one")
+    if data_dir and not laptop:
+        raise UserError("--data-dir says where --laptop finds the local files of Hub sources; give --laptop with it")
+    default = Path("runs") / (recipe.name + ("-smoke" if smoke else "-laptop" if laptop else ""))
     run = RunDir(run_dir or default)
     run.check_ours("--run-dir" if run_dir else "run directory")
     original = recipe.base_model.id
@@ -464,6 +475,22 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         from .smoke import smoke_recipe
 
         recipe = smoke_recipe(recipe, recipe_dir, run, overrides)
+    if laptop:
+        from .laptop import laptop_recipe
+
+        recipe = laptop_recipe(recipe, recipe_dir, run, overrides, Path(data_dir) if data_dir else None)
+        original = recipe.base_model.hub_id or recipe.base_model.id
+    gguf_info = None
+    from . import gguf
+
+    where = gguf.split(recipe.base_model.id, recipe.base_model.gguf_file)
+    if where is not None:
+        folder = where[0] if where[0].is_absolute() or not (recipe_dir / where[0]).exists() else recipe_dir / where[0]
+        gguf_info = gguf.describe(folder.resolve(), where[1])
+        gguf_info["folder"] = str(folder.resolve())
+        gguf_info["dtype"] = gguf.dtype_for(recipe.base_model)
+        b = recipe.base_model.model_copy(update={"id": str(gguf.converted_dir(gguf_info["sha256"], gguf_info["dtype"])), "gguf_file": None})
+        recipe = recipe.model_copy(update={"base_model": b})
     from .recipe import missing_files
 
     from .hub import check_hub
@@ -475,7 +502,7 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
     if gone:
         raise UserError(f"{recipe_path}: {len(gone)} file{'s' if len(gone) > 1 else ''} the recipe names "
                         f"{'are' if len(gone) > 1 else 'is'} not there (paths are relative to the recipe file): " + "; ".join(gone[:5]))
-    ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw, **options)
+    ctx = Context(recipe, recipe_dir, run, smoke, original, set(force), raw, laptop=laptop, gguf=gguf_info, **options)
     return ctx, recipe.model_dump(mode="json")
 
 
@@ -494,8 +521,13 @@ def start(ctx: Context, resolved: dict[str, Any]) -> None:
     header = f"# Resolved recipe{' (--smoke)' if ctx.smoke else ''}, written by finetune {_versions().get('finetune', '')}; secrets redacted.\n"
     write_recipe(ctx.run, portable(redact(resolved), ctx.run.root), header)
     m = ctx.run.manifest()
-    m.update({"name": ctx.recipe.name, "smoke": ctx.smoke, "base_model": ctx.original_base, "recipe_dir": str(ctx.recipe_dir)})
+    m.update({"name": ctx.recipe.name, "smoke": ctx.smoke, "laptop": ctx.laptop, "base_model": ctx.original_base,
+              "recipe_dir": str(ctx.recipe_dir), **({"base_gguf": ctx.gguf} if ctx.gguf else {})})
     write_json(ctx.run.manifest_path, m)
+    if ctx.gguf:
+        from .gguf import convert
+
+        convert(Path(ctx.gguf["folder"]), ctx.gguf["file"], ctx.gguf["sha256"], ctx.gguf["dtype"])
     if ctx.smoke:
         from .smoke import build_base
 

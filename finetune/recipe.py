@@ -37,7 +37,13 @@ def check_steps(v: int) -> int:
 class BaseModelSpec(Section):
     """The model the specialist starts from."""
 
-    id: str = Field(description="Hugging Face model id (`mistralai/Mistral-7B-Instruct-v0.1`) or a local folder.")
+    id: str = Field(description="Hugging Face model id (`mistralai/Mistral-7B-Instruct-v0.1`), a local folder, or a local `.gguf` file "
+                    "(Ollama, LM Studio, llama.cpp), relative to the recipe file.")
+    gguf_file: str | None = Field(
+        None, description="The GGUF file inside the folder `id` (`{id: models/, gguf_file: model.Q4_K_M.gguf}`). A GGUF base is "
+        "dequantized once into a plain model folder in the user cache (keyed by its sha256), then used like any base "
+        "(QLoRA quantizes it to NF4 as usual); run.lock and the card record its name and sha256.",
+    )
     revision: str = Field("main", description="Branch, tag or commit of the model repository; pin a commit for reproducible runs.")
     family: Family | None = Field(
         None,
@@ -52,6 +58,10 @@ class BaseModelSpec(Section):
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on for repositories you trust.")
     dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (embeddings, norms, lm_head) and of the 16-bit base.")
+    cpu_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of those weights on a machine without CUDA: float32 (exact), or bfloat16, about 1.7x "
+        "faster for a 16-bit base on CPUs with AMX or AVX512-BF16 (`--laptop` picks it there; see docs/laptop.md).",
+    )
 
 
 class QuantizationSpec(Section):
@@ -110,6 +120,10 @@ class TrainingSpec(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (Guanaco: 0.3).")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. `paged_adamw_32bit` (QLoRA) or `adamw_torch`.")
     packing: bool = Field(False, description="Pack several rows into each `max_length` sequence (padding-free; attention stays per row).")
+    group_by_length: bool = Field(
+        False, description="Batch rows of similar length together (transformers' length-grouped sampler): less padding when "
+        "rows vary in length and packing is off; 2.2x training tokens/s on a CPU with a log-normal length mix (scripts/bench_cpu.py).",
+    )
     activation_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: less memory, ~30% more compute (transformers 5's name for gradient checkpointing)."
     )
@@ -160,7 +174,11 @@ class MergeSpec(Section):
     )
     dtype: Dtype = Field("bfloat16", description="dtype of the saved merged model.")
     verify: bool = Field(True, description="Compare merged and adapter logits on probe prompts; fail when they differ by more than `atol`.")
-    atol: float = Field(1e-4, gt=0, description="Largest allowed |merged - adapter| logit difference, computed in float32.")
+    atol: float | None = Field(
+        None, gt=0, description="Largest allowed |merged - adapter| logit difference, computed in float32. Default (null): derived "
+        "from float32's rounding, the model's width and depth and the size of its logits, and capped at 1% of how far the "
+        "adapter moved the logits (finetune/merge.py, derived_atol); merge_check.json records it and its margin.",
+    )
     probes: int = Field(8, ge=1, description="Validation rows used as probe prompts.")
 
 
@@ -224,6 +242,33 @@ class DistributedSpec(Section):
     gpus: int = Field(1, ge=1, description="Processes (GPUs) per machine. Without CUDA, that many CPU processes over gloo (for testing).")
     nodes: int = Field(1, ge=1, description="Machines.")
     main_port: int = Field(29500, ge=1, le=65535, description="Port of the rendezvous on node rank 0 (multi-node runs).")
+
+
+class LaptopSpec(Section):
+    """`finetune run --laptop`: the recipe's data pipeline, template and eval tasks with a real small model
+    (SmolLM2-135M-Instruct) in place of the base, sized to finish in about 15 minutes on a 2-core CPU (finetune/laptop.py).
+    Hub sources and tasks use their `local:` alternatives found under `--data-dir`; where none is there, `samples:`."""
+
+    max_rows: int = Field(400, ge=8, description="Rows read from each training source (its `limit`).")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps. 60 x 8 rows is about 5 minutes at ~300 tokens/s on 2 cores.")
+    learning_rate: float = Field(
+        1e-3, gt=0, description="Peak learning rate. A 135M model with alpha/r = 0.25 (Guanaco's 16/64) needs a larger step than a "
+        "7B one to move in 60 steps; what was tried is in docs/laptop.md.",
+    )
+    batch_size: int = Field(8, ge=1, description="Rows per optimizer step (one micro-batch: no accumulation on a CPU).")
+    max_length: int = Field(512, ge=64, description="Cap on tokens per row (longer rows are handled as `data.overlong` says).")
+    eval_max_samples: int = Field(120, ge=1, description="Items scored per log-likelihood task (a seeded, stratified sample when the task has more).")
+    generate_max_samples: int = Field(30, ge=1, description="Items per exact_match task: each is a greedy generation, the slowest thing on a CPU.")
+    max_new_tokens: int = Field(200, ge=1, description="Cap on generated tokens per exact_match item.")
+    val_rows: int = Field(48, ge=4, description="Held-out rows (the held-out response perplexity, with its bootstrap CI).")
+    data: str | None = Field(
+        None, description="Training rows written for this recipe (relative to the recipe file), used when none of its sources is "
+        "on disk; default `samples.data`.",
+    )
+    tasks: list[EvalTask] = Field(
+        default_factory=list, description="Eval tasks over files written for this recipe, used when none of its tasks is on disk "
+        "(default `samples.tasks`); a task of the same name also stands in for one of the recipe's that is not on disk.",
+    )
 
 
 class SamplesSpec(Section):
@@ -290,7 +335,8 @@ class Recipe(Section):
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Publishing.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Several GPUs or machines (see finetune/distributed.py).")
-    samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke`.")
+    samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke` (and for `--laptop` where no local file is found).")
+    laptop: LaptopSpec = Field(default_factory=LaptopSpec, description="Sizes of `--laptop` runs (real small model on a CPU).")
     stages: list[Literal["cpt", "sft"]] = Field(
         ["sft"], description="Training stages in order: `[sft]`, or `[cpt, sft]` to continue pretraining on raw domain text first; the "
         "SFT stage then continues training the CPT adapter. Each stage is resumable on its own.",

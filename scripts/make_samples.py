@@ -127,6 +127,44 @@ GENERAL_MC = [  # general knowledge: what a specialist should not forget
     ("Which continent is Kenya in?", ["Asia", "Africa", "Europe", "South America"], 1),
     ("How many minutes are in two hours?", ["100", "60", "120", "240"], 2),
 ]
+# More general knowledge, generated from fact tables (facts, worded by us), so that --laptop reports forgetting with a
+# usable interval: 10 items give a 95% CI of about +-30 points, 100 about +-10.
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Italy", "Rome"),
+            ("Spain", "Madrid"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"),
+            ("Russia", "Moscow"), ("China", "Beijing"), ("Germany", "Berlin"), ("Ireland", "Dublin"), ("Portugal", "Lisbon"),
+            ("Austria", "Vienna"), ("Thailand", "Bangkok"), ("Argentina", "Buenos Aires"), ("Sweden", "Stockholm"),
+            ("Poland", "Warsaw"), ("Cuba", "Havana"), ("Chile", "Santiago"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+            ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("India", "New Delhi"), ("Mexico", "Mexico City"),
+            ("South Korea", "Seoul"), ("Turkey", "Ankara")]
+SYMBOLS = [("gold", "Au"), ("silver", "Ag"), ("iron", "Fe"), ("sodium", "Na"), ("potassium", "K"), ("oxygen", "O"),
+           ("hydrogen", "H"), ("carbon", "C"), ("nitrogen", "N"), ("lead", "Pb"), ("copper", "Cu"), ("helium", "He"),
+           ("calcium", "Ca"), ("tin", "Sn"), ("zinc", "Zn")]
+COUNTS = [("legs does a spider have", "8"), ("legs does an insect have", "6"), ("days are in a week", "7"),
+          ("months are in a year", "12"), ("hours are in a day", "24"), ("sides does a triangle have", "3"),
+          ("sides does an octagon have", "8"), ("players are on a football (soccer) team on the field", "11"),
+          ("continents are there", "7"), ("planets are in the Solar System", "8"), ("seconds are in a minute", "60"),
+          ("strings does a standard violin have", "4"), ("centimetres are in a metre", "100"), ("grams are in a kilogram", "1000"),
+          ("weeks are in a year", "52")]
+
+
+def general_mc(rng: random.Random) -> list[tuple[str, list[str], int]]:
+    items = list(GENERAL_MC)
+
+    def ask(question: str, right: str, pool: list[str]) -> None:
+        wrong = rng.sample([x for x in pool if x != right], 3)
+        choices = wrong + [right]
+        rng.shuffle(choices)
+        items.append((question, choices, choices.index(right)))
+
+    for country, city in CAPITALS:
+        ask(f"What is the capital of {country}?", city, [c for _, c in CAPITALS])
+    for element, symbol in SYMBOLS:
+        ask(f"What is the chemical symbol of {element}?", symbol, [s for _, s in SYMBOLS])
+    for what, n in COUNTS:
+        ask(f"How many {what}?", n, sorted({c for _, c in COUNTS}))
+    return items
+
+
 MED_MC = [
     ("A resting heart rate above 100 beats per minute is called what?", ["Bradycardia", "Tachycardia", "Syncope", "Oedema"], 1),
     ("Which hormone lowers blood glucose?", ["Glucagon", "Cortisol", "Insulin", "Adrenaline"], 2),
@@ -160,6 +198,12 @@ EVAL_MARKS = [("Lumora for light bulbs", "fanciful"), ("Glacier for sports cars"
               ("Velqor for headphones", "fanciful"), ("Sunset for banking", "arbitrary")]
 
 
+def gsm8k_style(row_id: str, row: dict) -> dict:
+    """A generated problem as a GSM8K test row: the worked solution, then "#### N"."""
+    answer = row["output"].rsplit("{", 1)[1].rstrip("}.")
+    return {"id": row_id, "question": row["instruction"], "answer": row["output"].split("\nThe answer")[0] + f"\n#### {answer}"}
+
+
 def mc_rows(items) -> list[dict]:
     return [{"id": f"q{i}", "question": q, "choices": c, "answer": a} for i, (q, c, a) in enumerate(items, start=1)]
 
@@ -180,6 +224,89 @@ def documents(rng: random.Random) -> dict[str, list[dict]]:
         rng.shuffle(docs)
     return {"medical_docs.jsonl": [{"text": t} for t in med], "legal_docs.jsonl": [{"text": t} for t in legal],
             "general_docs.jsonl": [{"text": t} for t in general]}
+
+
+# --laptop rows for the legal recipe on a clone without its Hub data: the hearsay rule and the Abercrombie spectrum,
+# generated from templates written here (people, facts and marks are invented), each row with its reason.
+PEOPLE = ["Amara", "Bruno", "Carla", "Dmitri", "Elena", "Femi", "Greta", "Hamid", "Iris", "Jonas", "Keiko", "Luis", "Maya",
+          "Nikos", "Olga", "Priya", "Quentin", "Rosa", "Samir", "Tess"]
+EVENTS = [("ran the red light", "had run the red light"), ("broke the window", "had broken the window"),
+          ("took the money from the till", "had taken the money from the till"), ("started the fire", "had started the fire"),
+          ("signed the lease", "had signed the lease"), ("was at the harbour that night", "had been at the harbour that night"),
+          ("sold the stolen watches", "had sold the stolen watches"), ("hit the cyclist", "had hit the cyclist"),
+          ("forged the cheque", "had forged the cheque"), ("left the gate open", "had left the gate open")]
+TRAITS = [("a skilled swimmer", "won the regional swimming final"), ("afraid of dogs", "crossed the street whenever a dog approached"),
+          ("wealthy", "bought three houses in one year"), ("left-handed", "always wrote with a pen in the left hand"),
+          ("tired on the day of the accident", "fell asleep twice during the morning meeting"),
+          ("familiar with the machine", "repaired it every week for ten years"), ("careful with money", "kept receipts for every purchase"),
+          ("a fluent French speaker", "worked as a translator in Lyon"), ("sober that evening", "drank only water at the party"),
+          ("in pain", "limped and held his side all afternoon")]
+WARNINGS = [("the stairs were broken", "the stairs"), ("the brakes were failing", "the brakes"), ("the roof leaked", "the roof"),
+            ("the dog had bitten before", "the dog"), ("the wiring was faulty", "the wiring")]
+
+
+def hearsay_rows(rng: random.Random, n: int) -> list[dict]:
+    """Five kinds of evidence, as the hearsay rule sorts them: two are hearsay, three are not."""
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.sample(PEOPLE, 3)
+        kind = rng.randrange(5)
+        if kind == 0:
+            did, had = rng.choice(EVENTS)
+            text = f"On the issue of whether {a} {did}, the fact that {b} told {c} that {a} {had}."
+            label, why = "Yes", f"{b}'s statement was made out of court and is offered to prove that {a} {did}."
+        elif kind == 1:
+            did, had = rng.choice(EVENTS)
+            text = f"On the issue of whether {a} {did}, the fact that {a} nodded when {c} asked whether {a} {had}."
+            label, why = "Yes", "The nod is conduct meant as an assertion, made out of court and offered for its truth."
+        elif kind == 2:
+            trait, act = rng.choice(TRAITS)
+            text = f"On the issue of whether {a} was {trait}, the fact that {a} {act}."
+            label, why = "No", f"{a}'s conduct was not meant to assert anything, so it is not a statement."
+        elif kind == 3:
+            danger, thing = rng.choice(WARNINGS)
+            text = f"To show that {a} knew about the danger, the fact that {b} warned {a} that {danger}."
+            label, why = "No", f"The warning is offered to show that {a} had notice of {thing}, not that it was true."
+        else:
+            did, had = rng.choice(EVENTS)
+            text = f"At trial, {b} testified on direct examination that {b} saw {a} as {a} {did}."
+            label, why = "No", f"{b}'s statement was made in court, as a witness, so it is not hearsay."
+        rows.append({"instruction": "Is the evidence hearsay? Answer Yes or No, then give the reason.", "input": text, "output": f"{label}. {why}"})
+    return rows
+
+
+PRODUCTS = ["bread", "shoes", "soap", "coffee", "bicycles", "lamps", "tea", "paint", "rope", "glue", "pens", "chairs", "socks",
+            "honey", "tyres", "batteries", "candles", "gloves", "jam", "umbrellas"]
+QUALITIES = ["Fresh", "Soft", "Quick", "Strong", "Bright", "Warm", "Sweet", "Durable", "Smooth", "Clean"]
+COMMON_WORDS = ["Orbit", "Maple", "Falcon", "Harbor", "Pebble", "Lantern", "Meadow", "Comet", "Violin", "Glacier", "Tulip", "Anchor"]
+SUGGESTIVE = [("Dreamstep", "shoes"), ("Sunrise Brew", "coffee"), ("Stickfast", "glue"), ("Glowhome", "lamps"),
+              ("Everdry", "umbrellas"), ("Cloudrest", "chairs"), ("Roadgrip", "tyres"), ("Longlife", "batteries"),
+              ("Beehive Gold", "honey"), ("Handshield", "gloves"), ("Inkflow", "pens"), ("Featherfoot", "socks"),
+              ("Morning Hearth", "bread"), ("Silkwash", "soap"), ("Colourburst", "paint")]
+SYLLABLES = ["zor", "vex", "qua", "lum", "dri", "kel", "nox", "bri", "tav", "mir", "pol", "yut"]
+
+
+def mark_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        kind = rng.randrange(5)
+        product = rng.choice(PRODUCTS)
+        if kind == 0:
+            mark, label, why = product.capitalize(), "generic", "The mark is the common name of the product itself."
+        elif kind == 1:
+            quality = rng.choice(QUALITIES)
+            mark, label, why = f"{quality} {product.capitalize()}", "descriptive", f"The mark directly describes a quality of the product ({quality.lower()})."
+        elif kind == 2:
+            mark, product = rng.choice(SUGGESTIVE)
+            label, why = "suggestive", "The mark hints at a quality of the product, but it takes imagination to connect them."
+        elif kind == 3:
+            mark, label, why = rng.choice(COMMON_WORDS), "arbitrary", "The mark is a common word with no connection to the product."
+        else:
+            mark = "".join(rng.sample(SYLLABLES, 2)).capitalize()
+            label, why = "fanciful", "The mark is an invented word with no meaning of its own."
+        rows.append({"instruction": "Classify the trademark on the Abercrombie spectrum (generic, descriptive, suggestive, arbitrary, fanciful), then give the reason.",
+                     "input": f"The mark \"{mark}\" for {product}.", "output": f"{label}. {why}"})
+    return rows
 
 
 def write(name: str, rows: list[dict]) -> None:
@@ -204,10 +331,15 @@ def main() -> None:
     write("math_eval.jsonl", maths[40:])
     # eval tasks: GSM8K-style gold answers ending "#### N"; MC; classification
     tests = [math_row(rng) for _ in range(10)]
-    write("math_test.jsonl", [{"id": f"m{i}", "question": r["instruction"],
-                               "answer": r["output"].split("\nThe answer")[0] + f"\n#### {r['output'].rsplit('{', 1)[1].rstrip('}.')}"}
-                              for i, r in enumerate(tests, start=1)])
-    write("general_mc.jsonl", mc_rows(GENERAL_MC))
+    write("math_test.jsonl", [gsm8k_style(f"m{i}", r) for i, r in enumerate(tests, start=1)])
+    write("general_mc.jsonl", mc_rows(general_mc(random.Random(7))))
+    # --laptop on a clone without GSM8K's files: enough generated problems for 60 steps of 8 rows, and a test set of its own
+    lrng = random.Random(15)
+    write("math_laptop.jsonl", [math_row(lrng) for _ in range(480)])
+    write("math_laptop_test.jsonl", [gsm8k_style(f"t{i}", math_row(lrng)) for i in range(1, 61)])
+    legal_laptop = hearsay_rows(lrng, 240) + mark_rows(lrng, 160) + legal
+    lrng.shuffle(legal_laptop)
+    write("legal_laptop.jsonl", legal_laptop)
     write("medical_mc.jsonl", mc_rows(MED_MC))
     write("medical_ynm.jsonl", [{"id": f"p{i}", "question": q, "context": c, "label": l} for i, (q, c, l) in enumerate(MED_YNM, start=1)])
     write("legal_hearsay.jsonl", [{"id": f"h{i}", "text": t, "label": l} for i, (t, l) in enumerate(HEARSAY, start=1)])
