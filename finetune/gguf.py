@@ -49,10 +49,10 @@ def converted_dir(sha256: str, dtype: str) -> Path:
 
 
 def dtype_for(base) -> str:
-    """The dtype the GGUF is saved in: the recipe's 16-bit dtype on a GPU, the CPU dtype (float32 by default) without one."""
+    """The dtype the GGUF is saved in: the recipe's 16-bit dtype on a GPU, float32 without one (as models.weights_dtype)."""
     import torch
 
-    return base.dtype if torch.cuda.is_available() else base.cpu_dtype
+    return base.dtype if torch.cuda.is_available() else "float32"
 
 
 def describe(folder: Path, name: str) -> dict[str, str]:

@@ -59,12 +59,13 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def weights_dtype(recipe: Recipe) -> torch.dtype:
-    return DTYPES[recipe.base_model.dtype] if device() == "cuda" else DTYPES[recipe.base_model.cpu_dtype]
+    return DTYPES[recipe.base_model.dtype] if device() == "cuda" else torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16). Elsewhere bf16 matmuls are emulated and slower
-    than float32; measured on a 2-core Xeon with AMX: LoRA training 1.7x, inference 1.9x faster than float32."""
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16); scripts/bench_cpu.py reports it. finetune keeps
+    float32 on CPUs anyway: with a float32 LoRA adapter, bf16 training was no faster (the casts ate the gain), and bf16
+    logits (steps of 1/8 at |logit| 16 to 32) tie the scores of labels and options in evaluation (docs/laptop.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -3,7 +3,6 @@ derived merge tolerance. The real-model paths are in test_real_model.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -131,7 +131,7 @@ def _fake_run(tmp_path, smollm2, tok, seed: int):
 def test_merge_tolerance_holds_on_real_weights_with_margin_and_catches_a_wrong_merge(smollm2, tmp_path):
     from transformers import AutoTokenizer
 
-    from finetune.merge import MergeError, merge
+    from finetune.merge import merge
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     recipe, run = _fake_run(tmp_path, smollm2, tok, seed=0)
