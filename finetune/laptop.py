@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any
 
 from .errors import UserError
 from .gguf import cache_root
+from .recipe import LOCATION_PATH_KEYS as PATH_KEYS
 from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
 from .run import RunDir, sha256_file
 
@@ -46,7 +48,6 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 LICENSE = "apache-2.0"
 FAMILY = "llama"
 
-PATH_KEYS = ("path", "include_ids", "exclude_ids", "prompt_file")
 HUB_KEYS = ("hub", "config", "split", "revision", "local")
 
 
@@ -91,8 +92,6 @@ def small_model_gguf() -> Path:
 def small_model() -> dict[str, Any]:
     """base_model fields for SmolLM2-135M-Instruct: the Hub id when the Hub answers or has it cached, else the GGUF."""
     from .hub import cached, endpoint, reachable
-
-    import os
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if cached("model", HUB_ID, None) or (not offline and reachable(endpoint(), timeout=3.0)):

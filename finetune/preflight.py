@@ -1,6 +1,6 @@
 """Preflight: before the first optimizer step, look at what the model will really be trained on.
 
-Each check is a way peer tools have trained models that never stop or never learn (RELIABILITY.md):
+Each check is a way peer tools have trained models that never stop or never learn:
 - `bos`: exactly one BOS when the tokenizer uses one (chat template text + add_special_tokens doubled it: trl#1400);
 - `eos`: every example's last supervised label is EOS, also in the collated batch when pad == eos (trl#1623);
 - `prompt_masked`: every prompt token is labelled -100 and the supervised tokens decode to the response;

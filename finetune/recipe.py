@@ -399,6 +399,9 @@ def _recursive(obj: Any, seen: frozenset[int] = frozenset()) -> bool:
     return False
 
 
+LOCATION_PATH_KEYS = ("path", "include_ids", "exclude_ids", "prompt_file")  # a location's keys that name local files
+
+
 def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
     """Local files the recipe names that are not there, as `key.path: file` (so `validate` says so, not the run)."""
     out = []
@@ -419,7 +422,7 @@ def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
               ("eval.tasks", recipe.eval.tasks), ("cpt.sources", recipe.cpt.sources if cpt_on else [])]
     for name, items in groups:
         for i, loc in enumerate(items):
-            for key in ("path", "include_ids", "exclude_ids", "prompt_file"):
+            for key in LOCATION_PATH_KEYS:
                 check(f"{name}.{i}.{key}", getattr(loc, key, None))
             for key, v in (getattr(loc, "options", None) or {}).items():
                 if key.endswith("_file") and isinstance(v, str):

@@ -44,7 +44,7 @@ METRICS = {
 }
 # Fields every row must end up with (after `fields:`), per type. `prompt` placeholders may name any column too.
 REQUIRED = {"multiple_choice": ("question", "answer"), "classification": ("label",), "exact_match": ("question", "answer"), "perplexity": ()}
-BIOMISTRAL_HEADER = "The following are multiple choice questions (with answers) about medical knowledge."  # DOMAIN.md s.4
+BIOMISTRAL_HEADER = "The following are multiple choice questions (with answers) about medical knowledge."  # BioMistral's eval prompt (Labrak et al. 2024)
 
 
 class FewShot(Location):

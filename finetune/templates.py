@@ -1,6 +1,6 @@
 """Prompt templates and tokenisation: one place decides what the model sees and what it is trained on.
 
-Rules (each one a failure mode seen in peer tools, see RELIABILITY.md):
+Rules (each one a failure mode seen in peer tools):
 - prompt tokens are labelled -100; the response and its end-of-sequence token are supervised;
 - EOS is supervised on every example, by token id, so pad == eos can never mask it;
 - exactly one BOS when the tokenizer uses one (templates that write `<s>` themselves are not given a second);
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Stanford Alpaca's prompts (DOMAIN.md section 2), byte for byte: the prompt ends at "### Response:" with no
+# Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), byte for byte: the prompt ends at "### Response:" with no
 # trailing space or newline, and the output follows directly, as in Alpaca's train.py.
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

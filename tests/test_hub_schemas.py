@@ -63,11 +63,10 @@ def test_recipe_eval_tasks_load_on_their_published_schemas(name, hub):
     from finetune.recipe import load_recipe
     from finetune.tasks import load_items
 
-    from finetune.smoke import CHAT_TEMPLATE, build_tokenizer
+    from finetune.smoke import build_tokenizer
 
     recipe, recipe_dir = load_recipe(RECIPES / f"{name}.yaml")
     tok = build_tokenizer(["a chat template is all the medical recipe's tasks need of a tokenizer"])
-    assert tok.chat_template == CHAT_TEMPLATE
     for task in recipe.eval.tasks:
         items = load_items(task, recipe_dir, recipe.data.template, tok)
         assert items, task.name
