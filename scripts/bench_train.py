@@ -1,6 +1,6 @@
 """QLoRA training throughput and memory: a plain Hugging Face baseline against finetune's settings, same machine, same run.
 
-    python scripts/bench_train.py --shape llama3-8b --out bench/            # on a GPU (PERFORMANCE.md section 3)
+    python scripts/bench_train.py --shape llama3-8b --out bench/            # on a GPU (docs/benchmarks.md)
     python scripts/bench_train.py --shape tiny --steps 4 --warmup 1         # anywhere: keeps the script working (CI)
 
 Each configuration runs in a fresh process (libraries that patch kernels would contaminate later runs). The model is
@@ -12,8 +12,8 @@ length mix (median ~250 tokens, capped at --max-len), the same rows for every co
   no packing, gradient checkpointing, paged AdamW 32-bit.
 - ours: finetune's GPU defaults: padding-free packing (BFD) of the same rows, activation checkpointing, SDPA, fused AdamW.
 
-Measured after --warmup steps: tokens/s over non-pad tokens, MFU by the 4*N_mm + 12*L*s*d rule (PERFORMANCE.md
-section 2; peak from --peak-tflops or the GPU's name), peak memory (CUDA max allocated; peak RSS on CPU). Prints one
+Measured after --warmup steps: tokens/s over non-pad tokens, MFU by the 4*N_mm + 12*L*s*d rule (forward
+2*N_mm + attention 2*L*s*d, backward of activations only under LoRA; peak from --peak-tflops or the GPU's name), peak memory (CUDA max allocated; peak RSS on CPU). Prints one
 markdown table; full logs and per-config JSON under --out.
 """
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {  # L, d, ffn, kv heads, heads, vocab (PERFORMANCE.md section 2)
+SHAPES = {  # L, d, ffn, kv heads, heads, vocab (from each model's config.json)
     "llama3-8b": dict(family="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "mistral-7b": dict(family="mistral", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -94,7 +94,7 @@ def child(args) -> dict:
                                                  quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
     load_s = time.time() - t0
-    if not gpu:  # ENVIRONMENT.md section 5: bitsandbytes' AVX512-BF16 repack breaks gradients after an eval forward
+    if not gpu:  # bitsandbytes' CPU AVX512-BF16 weight repack (bitsandbytes 0.4x) breaks gradients after an eval forward
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False

@@ -1,4 +1,4 @@
-"""A loopback stand-in for the Hugging Face Hub's upload API (ENVIRONMENT.md section 8), for tests only.
+"""A loopback stand-in for the Hugging Face Hub's upload API, for tests only.
 
 Serves `HfApi(endpoint="http://127.0.0.1:PORT")`: repository creation, YAML validation, preupload (every file
 "regular", so contents travel inline in the commit) and the NDJSON commit. Each repository keeps its files as bytes

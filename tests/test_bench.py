@@ -30,6 +30,6 @@ def test_bench_train_runs_both_configs_and_prints_one_table(tmp_path):
     spec = util.spec_from_file_location("bench_train", ROOT / "scripts/bench_train.py")
     bench = util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    # PERFORMANCE.md section 2: Llama-3-8B has 7.505B matmul parameters and 33.2 GFLOP/token at s=2048 (LoRA rule).
+    # Llama-3-8B (its config.json shape) has 7.505B matmul parameters and 33.2 GFLOP/token at s=2048 (LoRA rule).
     assert round(bench.matmul_params(bench.SHAPES["llama3-8b"]) / 1e9, 3) == 7.505
     assert round(bench.flops_per_token(bench.SHAPES["llama3-8b"], 2048) / 1e9, 1) == 33.2

@@ -62,7 +62,7 @@ def test_merged_weights_are_the_chosen_base_plus_the_adapter(smoke_runs, tmp_pat
     assert gap < 1e-5 if policy == "dequantized_4bit" else gap > 1e-3
     ppl = check["perplexity"]
     assert ppl["merged"] == pytest.approx(ppl["adapter"], rel=1e-4) and ppl["adapter"] < ppl["base"]
-    # Merging again gives the same file, byte for byte (RELIABILITY.md test 22: merging is idempotent).
+    # Merging again gives the same file, byte for byte (merging is idempotent).
     first = (d / "merged/model.safetensors").read_bytes()
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["merge.dtype=float32", f"merge.base={policy}"], True, str(d), ["merge"])
     start(ctx, resolved)

@@ -101,7 +101,8 @@ def test_unfused_experts_compute_exactly_what_fused_ones_do(family, tok, tmp_pat
 
 
 def test_lora_gradients_on_4bit_equal_fp32_on_dequantized_weights_after_an_eval(tok, tmp_path):
-    """The reference test of ENVIRONMENT.md section 5, run after an eval forward (the AVX512-BF16 repack trap)."""
+    """LoRA gradients through 4-bit weights equal fp32 gradients on the dequantized weights, checked after an eval
+    forward: bitsandbytes repacks CPU weights for AVX512-BF16 on the first no-grad forward, which broke gradients."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 

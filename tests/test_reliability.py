@@ -1,5 +1,5 @@
 """Training you can trust, in-process: checkpoint resolution and rotation, non-finite guards, fully masked batches,
-gradient-accumulation equivalence, the preflight, overlong policies (RELIABILITY.md tests 3, 4, 8, 10, 11, 17-21)."""
+gradient-accumulation equivalence, the preflight, overlong policies."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_fully_masked_batches_give_a_finite_zero_loss_and_no_update(prepared, tm
 
 def test_micro_batch_times_accumulation_gives_the_same_training(prepared, tmp_path):
     """4x1, 2x2 and 1x4 on rows of different lengths: the loss is normalised by the supervised tokens of the whole
-    optimizer step (not averaged per micro-batch), so the three are the same optimisation (RELIABILITY.md test 8).
+    optimizer step (not averaged per micro-batch), so the three are the same optimisation.
 
     The tolerances come from float32, not from one machine's luck (a fixed 1e-5 failed on a fresh clone at 1.8e-5):
     - a step's loss is a sum over its supervised tokens taken in another order; recursive summation of n terms errs by
@@ -368,7 +368,7 @@ def test_overlong_policy_counts_and_truncation_keeps_the_eos(tmp_path, policy):
 
 def test_packed_rows_score_like_separate_rows(prepared):
     """`training.packing`: rows concatenated padding-free (trl's collator, position ids restarting per row) give every
-    token the loss it has alone, and no label reaches across rows (RELIABILITY.md test 9)."""
+    token the loss it has alone, and no label reaches across rows."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

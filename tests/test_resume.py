@@ -1,4 +1,4 @@
-"""Preemption and exact resume, with real subprocesses and real signals (RELIABILITY.md tests 1-6).
+"""Preemption and exact resume, with real subprocesses and real signals.
 
 The legal recipe's smoke run on 26 sample rows, micro-batch 4: 7 optimizer steps per epoch, 2 epochs = 14 steps,
 LoRA dropout 0.1 and shuffling on, a checkpoint every 3 steps. Every interrupted run is resumed with the plain

@@ -1,4 +1,4 @@
-"""Secrets, serialization and trackers (RELIABILITY.md tests 7, 15, 24): tokens never reach a file of the run, weights
+"""Secrets, serialization and trackers: tokens never reach a file of the run, weights
 are safetensors only, custom model code runs only when the recipe says so, and every tracker ends its run."""
 
 from __future__ import annotations
