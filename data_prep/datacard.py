@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-NON_COMMERCIAL = ("-nc", "noncommercial", "non-commercial")
+from .licences import is_non_commercial
 
 
 def lengths(values: list[int]) -> dict[str, Any]:
@@ -22,10 +22,6 @@ def lengths(values: list[int]) -> dict[str, Any]:
 
     return {"n": len(v), "total": sum(v), "mean": round(sum(v) / len(v), 1), "min": v[0], "median": pct(0.5),
             "p95": pct(0.95), "max": v[-1], "values": values}
-
-
-def is_non_commercial(license: str | None) -> bool:
-    return bool(license) and any(t in license.lower() for t in NON_COMMERCIAL)
 
 
 def _source_name(s: dict[str, Any]) -> str:
@@ -71,6 +67,18 @@ def histogram(path: Path, stats: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
+def licence_warnings(sources: list[dict[str, Any]]) -> list[str]:
+    """What the data card says about the sources' licences (data_prep/licences.py decides what each allows)."""
+    nc = [_source_name(s) for s in sources if is_non_commercial(s.get("license"))]
+    unknown = [_source_name(s) for s in sources if not s.get("license")]
+    out = []
+    if nc:
+        out.append(f"**Warning: non-commercial data** ({', '.join(nc)}): a model trained on it inherits the restriction.")
+    if unknown:
+        out.append(f"Licence unknown for {', '.join(unknown)}: set `license:` on the source.")
+    return out
+
+
 def datacard(name: str, prov: dict[str, Any]) -> str:
     unit = prov["length_unit"]
     lines = [f"# Data card: {name}", ""]
@@ -81,12 +89,8 @@ def datacard(name: str, prov: dict[str, Any]) -> str:
         digest = (s.get("sha256") or s.get("fingerprint") or "")[:12]
         lines.append(f"| {_source_name(s)} | {s.get('license') or 'unknown'} | `{digest}` | {s['rows_read']} | {s['rows_kept']} | {s['not_selected']} | "
                      f"{r['invalid']} | {r['overlong']} | {r['exact_duplicate']} | {r['near_duplicate']} | {r['contaminated']} | {s.get('pii_rows', 0)} |")
-    nc = [_source_name(s) for s in prov["sources"] if is_non_commercial(s.get("license"))]
-    unknown = [_source_name(s) for s in prov["sources"] if not s.get("license")]
-    if nc:
-        lines += ["", f"> **Warning: non-commercial data** ({', '.join(nc)}): a model trained on it inherits the restriction."]
-    if unknown:
-        lines += ["", f"> Licence unknown for {', '.join(unknown)}: set `license:` on the source."]
+    for warning in licence_warnings(prov["sources"]):
+        lines += ["", f"> {warning}"]
     lines += ["", "## Splits", "", f"Split by content hash (stable across runs and machines). Lengths in {unit}"
               + (f" of `{prov['tokenizer']}`" if prov.get("tokenizer") else "") + ".", "",
               "| split | rows | total | mean | min | median | p95 | max |", "|---|---|---|---|---|---|---|---|"]

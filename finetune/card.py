@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from data_prep import licences
+from data_prep.licences import is_non_commercial
+
 from .harness import report_markdown
 from .recipe import Recipe
 from .run import RunDir, read_json
@@ -31,7 +34,7 @@ def card_license(recipe: Recipe, provenance: list[dict[str, Any]]) -> tuple[str,
     data_lic = [p.get("license") or "unknown" for p in provenance]
     known = {l for l in [recipe.base_model.license, *data_lic] if l}
     warnings = []
-    if any(_non_commercial(l) for l in known):
+    if any(is_non_commercial(l) for l in known):
         warnings.append("Some training data is licensed for non-commercial use only: so is this model.")
     if "unknown" in data_lic:
         warnings.append("The licence of some training data is unknown: check it before any use.")
@@ -49,20 +52,22 @@ def other_name(licences) -> str:
     return "-and-".join(sorted(licences)) or "unknown"
 
 
-def _non_commercial(licence: str) -> bool:
-    return any(part in ("nc", "noncommercial", "non-commercial") for part in licence.lower().replace("_", "-").split("-")) or "non-commercial" in licence.lower()
-
-
 def licence_conflicts(recipe: Recipe, provenance: list[dict[str, Any]]) -> list[str]:
     """Licence claims the inputs do not allow: a `publish.license` without the non-commercial restriction of some data or
-    of the base model."""
+    of the base model, or one that replaces a base model's own licence (Llama, Gemma: derivatives keep it)."""
     claimed = recipe.publish.license
-    if not claimed or _non_commercial(claimed):
+    if not claimed:
         return []
-    restricted = [f"{_source_name(p)} ({p['license']})" for p in provenance if p.get("license") and _non_commercial(p["license"])]
-    if recipe.base_model.license and _non_commercial(recipe.base_model.license):
-        restricted.insert(0, f"base model {recipe.base_model.id} ({recipe.base_model.license})")
-    return [f"publish.license {claimed!r} allows commercial use, but {', '.join(restricted)} does not"] if restricted else []
+    out = []
+    base = recipe.base_model.license
+    if base and licences.kind(base) == licences.CUSTOM and licences.normalise(claimed) != licences.normalise(base):
+        out.append(f"publish.license {claimed!r} replaces the base model's licence {base!r}, which its derivatives keep")
+    if is_non_commercial(claimed):
+        return out
+    restricted = [f"{_source_name(p)} ({p['license']})" for p in provenance if is_non_commercial(p.get("license"))]
+    if is_non_commercial(base):
+        restricted.insert(0, f"base model {recipe.base_model.id} ({base})")
+    return out + ([f"publish.license {claimed!r} allows commercial use, but {', '.join(restricted)} does not"] if restricted else [])
 
 
 def _dataset(t: dict[str, Any]) -> dict[str, Any]:
