@@ -16,9 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from data_prep.errors import DataError
+from data_prep.errors import FinetuneError
 
-from .errors import PublishRefused, StageFailed, UserError
+from .errors import UserError
 from .preempt import Preempted
 from .run import STAGES
 
@@ -122,7 +122,7 @@ def _guard(fn):
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130) from None
-        except (UserError, DataError, PublishRefused, StageFailed) as e:
+        except FinetuneError as e:  # ours, each with its exit code (data_prep/errors.py)
             _fail(e, e.exit_code)
         except OSError as e:
             what, todo, code = OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "", 1))
@@ -130,9 +130,6 @@ def _guard(fn):
             logged = _log_file(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
             _fail(f"{where}{what}" + (f"; {todo}" if todo else "") + (f" (details in {logged})" if logged and code == 1 else ""), code)
         except Exception as e:  # noqa: BLE001
-            code = getattr(e, "exit_code", None)
-            if isinstance(code, int):  # our libraries' own errors (TeacherError ...)
-                _fail(e, code)
             logged = _log_file(f"failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             first = (str(e).splitlines() or [""])[0][:300]
             _fail(f"{type(e).__name__}: {first} (unexpected: the traceback is in {logged or 'the output of `finetune --debug ...`'}; "

@@ -80,7 +80,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .merge import logits, max_diff, tolerance
+    from .merge import CHANGED_MIN, MergeError, logits, max_diff, tolerance
 
     weights = weights or [1.0 / len(adapters)] * len(adapters)
     configs = check_inputs(base, adapters, method, weights)
@@ -103,7 +103,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
     model.eval()  # the new adapter's modules are created in training mode: its LoRA dropout would make the probes random
     combined_logits = logits(model, ids, mask)
     changed = max_diff(combined_logits, base_logits, mask)
-    if changed <= 1e-6:
+    if changed <= CHANGED_MIN:
         raise UserError(f"the combined adapter does not change the base's outputs (max logit change {changed:.2e}): "
                         "check --weights and --density")
     mark(out, "combination")
@@ -131,7 +131,8 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
         check.update(merged_vs_adapter_max_abs_diff=diff, atol=atol, **why, passed=diff <= atol)
         if diff > atol:
             write_json(out / "merge_check.json", check)
-            raise UserError(f"folding the combined adapter into the base changed its outputs by {diff:.2e} > {atol:.2e}")
+            # a failed check, as in `finetune merge RECIPE` (exit 1): the inputs were fine, the result was not
+            raise MergeError(f"folding the combined adapter into the base changed its outputs by {diff:.2e} > {atol:.2e}")
         shutil.rmtree(out / "merged", ignore_errors=True)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tok.save_pretrained(out / "merged")

@@ -27,7 +27,12 @@ ALPACA_PROMPT = (
 
 
 class TemplateError(Exception):
-    """The row cannot be rendered with the recipe's template."""
+    """The row cannot be rendered with the recipe's template (the row is rejected; the build goes on)."""
+
+
+class TokenizerUnfit(TemplateError):
+    """The tokenizer cannot render any row with the recipe's template (no chat template, no EOS): the recipe or the base
+    model is wrong, not the row."""
 
 
 @dataclass
@@ -66,7 +71,7 @@ def segments(tok, row: dict[str, Any], template: str, system_prompt: str | None)
             raise TemplateError("the alpaca template renders instruction/input/output rows, not messages")
         return [(alpaca_prompt(row["instruction"], row.get("input", "")), False), (row["output"], True)]
     if not getattr(tok, "chat_template", None):
-        raise TemplateError("data.template is `chat` but the tokenizer has no chat template")
+        raise TokenizerUnfit("data.template is `chat` but the tokenizer has no chat template")
     msgs = as_messages(row, system_prompt)
     out: list[tuple[str, bool]] = []
     done = ""
@@ -90,7 +95,7 @@ def encode(tok, row: dict[str, Any], template: str, system_prompt: str | None = 
     """Tokenise one example into input_ids and labels (prompt masked, EOS supervised, one BOS)."""
     eos = tok.eos_token_id
     if eos is None:
-        raise TemplateError("the tokenizer has no EOS token: the model could never learn to stop")
+        raise TokenizerUnfit("the tokenizer has no EOS token: the model could never learn to stop")
     ids: list[int] = []
     labels: list[int] = []
     segs = segments(tok, row, template, system_prompt)
@@ -147,9 +152,9 @@ def row_encoder(tok, template: str, system_prompt: str | None = None):
             return cached
         try:
             out = encode(tok, row, template, system_prompt)
+        except TokenizerUnfit as e:
+            raise DataError(f"data.template: {e}") from None
         except TemplateError as e:
-            if "no chat template" in str(e) or "no EOS" in str(e):
-                raise DataError(f"data.template: {e}") from None
             raise RowError(str(e)) from None
         row["_enc"] = out
         return out

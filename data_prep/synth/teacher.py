@@ -11,8 +11,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import FinetuneError
 
-class TeacherError(Exception):
+
+class TeacherError(FinetuneError):
     """The teacher could not answer (after retries). What was generated so far is kept; rerun to continue."""
 
     exit_code = 1
