@@ -41,7 +41,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -70,7 +70,7 @@ def finalize(src: Path, ckpt_dir: Path, step: int, check=None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     marker = tmp / MARKER
     with open(marker, "w", encoding="utf-8") as f:

@@ -104,7 +104,7 @@ OS_ERRORS = {
 }
 
 
-def _guard(fn):
+def guard(fn):
     """Map failures to exit codes with one line each. Ours (UserError, DataError, ...) carry their code; an OSError
     names its path and what to do; anything else is a bug: one line here, the traceback in RUN/logs/run.log (and on
     the terminal with `finetune --debug ...`)."""
@@ -247,7 +247,7 @@ MainOpt = Annotated[Optional[str], typer.Option("--main-address", metavar="HOST"
 
 
 @app.command()
-@_guard
+@guard
 def run(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
         run_dir: RunDirOpt = None, force: ForceOpt = None,
         resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
@@ -268,11 +268,11 @@ def _stage_command(stage: str, doc: str):
              {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address}, laptop, data_dir)
 
     command.__doc__ = doc
-    app.command(name=stage)(_guard(command))
+    app.command(name=stage)(guard(command))
 
 
 @app.command(name="prepare")
-@_guard
+@guard
 def prepare_(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
              run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
     """Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md."""
@@ -281,7 +281,7 @@ _stage_command("train", "Train the adapter (runs prepare first if it is not done
 
 
 @app.command()
-@_guard
+@guard
 def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
           smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
           run_dir: RunDirOpt = None, force: ForceOpt = None,
@@ -324,7 +324,7 @@ _stage_command("cpt", "Continued pretraining on the recipe's raw text (when its 
 
 
 @app.command(name="eval")
-@_guard
+@guard
 def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", help="A run directory, a Hugging Face-format model folder, or an adapter folder.")],
           tasks: Annotated[Optional[Path], typer.Option("--tasks", help="Task file (YAML, `tasks: [...]`); default for a run: the recipe's eval.")] = None,
           adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder: the report then has base and tuned side by side.")] = None,
@@ -359,7 +359,7 @@ UseOpt = Annotated[str, typer.Option("--use", metavar="auto|merged|adapter", hel
 
 
 @app.command()
-@_guard
+@guard
 def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
              prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
              max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
@@ -373,7 +373,7 @@ def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A 
 
 
 @app.command()
-@_guard
+@guard
 def chat(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
          max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
     """Talk to the tuned model in the recipe's own template (/help, /reset, /exit; Ctrl-C stops an answer)."""
@@ -391,7 +391,7 @@ def _check_use(use: str) -> None:
 
 
 @app.command()
-@_guard
+@guard
 def publish(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished run directory, or the output of `finetune merge --adapters`.")],
             to: Annotated[Optional[str], typer.Option("--to", metavar="URL", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
             what: Annotated[Optional[str], typer.Option("--what", metavar="adapter,merged", help="adapter, merged, or adapter,merged.")] = None,
@@ -479,7 +479,7 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
 
 
 @app.command()
-@_guard
+@guard
 def validate(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
              preflight: Annotated[bool, typer.Option("--preflight", help="Also build a sample of the training data with the "
                                                      "recipe's tokenizer and template and check it as training would (one BOS, "
@@ -516,9 +516,9 @@ def _add_data_commands() -> None:
     from . import data_cli
 
     for cmd in data_cli.app.registered_commands:
-        cmd.callback = _guard(cmd.callback)
+        cmd.callback = guard(cmd.callback)
     for cmd in data_cli.synth_app.registered_commands:
-        cmd.callback = _guard(cmd.callback)
+        cmd.callback = guard(cmd.callback)
     app.add_typer(data_cli.app, name="data")
 
 

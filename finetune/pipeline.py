@@ -168,6 +168,21 @@ def active_stages(recipe: Recipe) -> tuple[str, ...]:
 
 
 def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a stage's fingerprint is made of: recipe sections, and file digests keyed by path. The recipe's paths are
+    absolute (resolved at load); those under the recipe's folder are spelled `$RECIPE/...` here, so a checkout moved
+    with its data keeps its fingerprints and reruns nothing."""
+    from .run import swap_prefix
+
+    sections, inputs = _stage_inputs(ctx, stage)
+    here = str(Path(ctx.recipe_dir).resolve())
+
+    def swap(obj: Any) -> Any:
+        return swap_prefix(obj, here, "$RECIPE", os.sep)
+
+    return swap(sections), {swap(k): v for k, v in inputs.items()}
+
+
+def _stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
     r, run = ctx.recipe, ctx.run
     base = r.base_model.model_dump()
     if ctx.smoke:
@@ -261,7 +276,7 @@ def resume_point(ctx: Context, stage: str, rec: dict[str, Any] | None, fp: str, 
     return last
 
 
-def _run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any:
+def run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any:
     r, run = ctx.recipe, ctx.run
     if stage == "prepare":
         from .models import load_tokenizer
@@ -412,7 +427,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
         result = None
         try:
             if here:
-                result = _run_stage(ctx, stage, resume_from)
+                result = run_stage(ctx, stage, resume_from)
         except BaseException as e:
             error = e
         if stage not in TRAINING:  # the ranks that waited learn how rank 0's stage ended

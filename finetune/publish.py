@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .card import licence_conflicts, write_card
 from .errors import PublishRefused, StageFailed, UserError
 from .recipe import Recipe
@@ -146,10 +147,8 @@ def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, forc
     if target is None:
         log.info("publish: no publish.to; card written to %s", run.card / "README.md")
         return {"target": None}
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:  # alignment-handbook#198: every rank pushing hangs or duplicates commits
-        log.info("publish: rank %d leaves publishing to rank 0", rank)
-        return {"target": target, "skipped": f"rank {rank}"}
+    if distributed.rank() != 0:  # defence in depth: the pipeline runs publish on rank 0 only (alignment-handbook#198)
+        return {"target": target, "skipped": f"rank {distributed.rank()}"}
     what = list(recipe.publish.what)
 
     def write(dest: Path) -> list[str]:
@@ -255,7 +254,7 @@ def publish_combination(folder: Path, to: str, what: list[str], private: bool, r
         raise UserError(f"{folder}: neither a run directory (recipe.yaml) nor the output of `finetune merge --adapters`")
     if "merged" in what and not (folder / "merged").is_dir():
         raise UserError(f"{folder}: no merged/ (combine with --fold to publish a merged model)")
-    if int(os.environ.get("RANK", "0")) != 0:
+    if distributed.rank() != 0:
         return {"target": to, "skipped": "not rank 0"}
     card = combination_card(folder, check, to)
     from .card import shown_base

@@ -402,6 +402,47 @@ def _recursive(obj: Any, seen: frozenset[int] = frozenset()) -> bool:
 LOCATION_PATH_KEYS = ("path", "include_ids", "exclude_ids", "prompt_file")  # a location's keys that name local files
 
 
+def _absolute(base: Path, value: Any) -> Any:
+    return str(resolve_path(base, value).resolve()) if isinstance(value, str) and value and "://" not in value else value
+
+
+def _absolute_location(loc: Any, base: Path) -> None:
+    """A location's file keys made absolute, in place. Its `local:` alternative is left alone: those paths are relative
+    to `--data-dir` (finetune/laptop.py resolves them), not to the recipe."""
+    if not isinstance(loc, dict):
+        return
+    for key in LOCATION_PATH_KEYS:
+        if key in loc:
+            loc[key] = _absolute(base, loc[key])
+    for key, v in (loc.get("options") or {}).items() if isinstance(loc.get("options"), dict) else ():
+        if key.endswith("_file"):
+            loc["options"][key] = _absolute(base, v)
+    if isinstance(loc.get("fewshot"), dict):
+        _absolute_location(loc["fewshot"], base)
+
+
+def absolute_paths(data: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """Every local file a recipe names, made absolute against the recipe's folder: paths are resolved once, at load, so
+    the run's copy (RUN/recipe.yaml) reruns from any directory and no stage needs to know where the recipe was."""
+    def items(*keys: str) -> list[Any]:
+        node: Any = data
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node if isinstance(node, list) else []
+
+    for loc in [*items("data", "sources"), *items("data", "quality", "decontaminate", "against"), *items("eval", "tasks"),
+                *items("cpt", "sources"), *items("samples", "tasks")]:
+        _absolute_location(loc, recipe_dir)
+    samples = data.get("samples")
+    if isinstance(samples, dict):
+        for key in ("data", "eval"):
+            if key in samples:
+                samples[key] = _absolute(recipe_dir, samples[key])
+        if isinstance(samples.get("cpt"), list):
+            samples["cpt"] = [_absolute(recipe_dir, p) for p in samples["cpt"]]
+    return data
+
+
 def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
     """Local files the recipe names that are not there, as `key.path: file` (so `validate` says so, not the run)."""
     out = []
@@ -415,7 +456,8 @@ def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
         import difflib
 
         near = difflib.get_close_matches(p.name, [q.name for q in p.parent.iterdir()] if p.parent.is_dir() else [], n=1)
-        out.append(f"{where}: {value}" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        shown = p.relative_to(recipe_dir.resolve()) if p.is_relative_to(recipe_dir.resolve()) else p  # as the recipe spells it
+        out.append(f"{where}: {shown}" + (f" (did you mean '{near[0]}'?)" if near else ""))
 
     cpt_on = "cpt" in recipe.stages and recipe.cpt is not None
     groups = [("data.sources", recipe.data.sources), ("data.quality.decontaminate.against", recipe.data.quality.decontaminate.against),
@@ -534,15 +576,16 @@ def blame_overrides(message: str, overrides: list[str]) -> str:
     return "\n".join([head, *out])
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, localise=None) -> tuple[Recipe, Path]:
-    """Read, override and validate a recipe. Returns it with the folder its relative paths are resolved against.
+def load_recipe(path: str | Path, overrides: list[str] | None = None, localise=None, base_dir: Path | None = None) -> tuple[Recipe, Path]:
+    """Read, override and validate a recipe, its local paths made absolute. Returns it with the folder its relative
+    paths were resolved against: the recipe's own, or `base_dir` (a run's copy written before paths were absolute).
     `localise` rewrites the document before the overrides (a run's copy: `$RUN/...` back to the run's own folder)."""
     path = Path(path)
     data = _yaml_load(path)
     if localise is not None:
         data = localise(data)
-    recipe_dir = path.resolve().parent
-    data = apply_overrides(data, overrides or [])
+    recipe_dir = Path(base_dir).resolve() if base_dir else path.resolve().parent
+    data = absolute_paths(apply_overrides(data, overrides or []), recipe_dir)
     leaks = secret_paths(data)
     if leaks:
         raise UserError(f"{path}: {leaks[0]} holds what looks like an access token. Secrets are read from the environment "

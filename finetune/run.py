@@ -94,13 +94,15 @@ class RunDir:
                      and "stages" in read_json(p / "manifest.json", {}), error=UserError)
 
     def load_recipe(self, overrides: list[str] | None = None):
-        """The run's resolved recipe (with `$RUN` pointing here, wherever the run now is), and the folder its other
-        relative paths are relative to: the original recipe's, recorded in the manifest."""
+        """The run's resolved recipe (with `$RUN` pointing here, wherever the run now is), and the folder of the original
+        recipe, recorded in the manifest. Its paths are absolute (resolved when the run started); a run written before
+        that has its relative paths resolved against that folder."""
         from .recipe import load_recipe
 
-        recipe, _ = load_recipe(self.recipe, overrides, localise=lambda d: localise(d, self.root))
         where = self.manifest().get("recipe_dir")
-        return recipe, Path(where) if where and Path(where).is_dir() else self.root.resolve()
+        base = Path(where) if where and Path(where).is_dir() else self.root.resolve()
+        recipe, _ = load_recipe(self.recipe, overrides, localise=lambda d: localise(d, self.root), base_dir=base)
+        return recipe, base
 
     def require(self) -> None:
         """A finished or started run of ours, or one clear message (exit 2; cheap: no torch)."""
@@ -184,12 +186,12 @@ def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) ->
 RUN_TOKEN = "$RUN"  # RUN/recipe.yaml names the run's own files ($RUN/base, file://$RUN/hub) so a moved run still works
 
 
-def _swap_prefix(obj: Any, old: str, new: str, sep: str) -> Any:
+def swap_prefix(obj: Any, old: str, new: str, sep: str) -> Any:
     """Every string (or file:// URL) of a recipe document that is `old` or starts with `old` + `sep`, with `new` instead."""
     if isinstance(obj, dict):
-        return {k: _swap_prefix(v, old, new, sep) for k, v in obj.items()}
+        return {k: swap_prefix(v, old, new, sep) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_swap_prefix(v, old, new, sep) for v in obj]
+        return [swap_prefix(v, old, new, sep) for v in obj]
     if isinstance(obj, str):
         scheme = "file://" if obj.startswith("file://") else ""
         rest = obj[len(scheme):]
@@ -200,12 +202,12 @@ def _swap_prefix(obj: Any, old: str, new: str, sep: str) -> Any:
 
 def portable(obj: Any, root: Path) -> Any:
     """Absolute paths inside the run folder (the --smoke stand-in, its hub) written as `$RUN/...`."""
-    return _swap_prefix(obj, str(Path(root).resolve()), RUN_TOKEN, os.sep)
+    return swap_prefix(obj, str(Path(root).resolve()), RUN_TOKEN, os.sep)
 
 
 def localise(obj: Any, root: Path) -> Any:
     """The inverse of `portable` for the run's current location."""
-    return _swap_prefix(obj, RUN_TOKEN, str(Path(root).resolve()), "/")
+    return swap_prefix(obj, RUN_TOKEN, str(Path(root).resolve()), "/")
 
 
 def write_recipe(run: RunDir, data: dict[str, Any], header: str) -> None:

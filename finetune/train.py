@@ -28,7 +28,7 @@ class NonFinite(StageFailed):
     """Training produced a NaN/inf loss or gradient norm more often than `training.nonfinite_patience` allows."""
 
 
-def _callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
+def trainer_callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
     import torch
     from transformers import TrainerCallback
 
@@ -352,7 +352,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
         processing_class=tok,
-        callbacks=_callbacks(recipe, ckpts, metrics, guard),
+        callbacks=trainer_callbacks(recipe, ckpts, metrics, guard),
     )
     trainer.guard = guard
     bf16_gpu = device() == "cuda" and recipe.quantization.compute_dtype == "bfloat16" and recipe.quantization.bits != 16

@@ -60,7 +60,7 @@ def main() -> None:
 
         import finetune.pipeline as pipeline
 
-        run_stage = pipeline._run_stage
+        run_stage = pipeline.run_stage
 
         def signalled(ctx, stage, *a):
             if stage == opts.in_stage:
@@ -68,25 +68,25 @@ def main() -> None:
                 time.sleep(5)  # the handler raises here: the stage never gets further
             return run_stage(ctx, stage, *a)
 
-        pipeline._run_stage = signalled
+        pipeline.run_stage = signalled
     elif opts.in_checkpoint_write:
-        fsync_tree = ck._fsync_tree
+        fsync_tree = ck.fsync_tree
 
         def dying_fsync(path):
             fsync_tree(path)
             if path.name == f"step-{opts.at_step:06d}.tmp":
                 os.kill(os.getpid(), sig)
 
-        ck._fsync_tree = dying_fsync
+        ck.fsync_tree = dying_fsync
     else:
-        callbacks = train._callbacks
+        callbacks = train.trainer_callbacks
 
         class Signal(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
                 if state.global_step + 1 == opts.at_step:
                     os.kill(os.getpid(), sig)
 
-        train._callbacks = lambda *a, **kw: callbacks(*a, **kw) + [Signal()]
+        train.trainer_callbacks = lambda *a, **kw: callbacks(*a, **kw) + [Signal()]
 
     from finetune.cli import main as cli
 

@@ -98,10 +98,13 @@ def test_sigterm_to_one_rank_ends_in_one_complete_resumable_checkpoint(tmp_path)
     assert [s for s, _ in losses(run)] == list(range(1, 9))
 
 
-def test_rank_1_never_prepared_the_data(pair):
+def test_rank_1_trains_and_runs_no_other_stage(pair):
+    """Rank 0 alone prepares, merges, evaluates and publishes (one push, not one per rank: alignment-handbook#198)."""
     _, two, _ = pair
     rank0, rank1 = (two / "logs/run.log").read_text(), (two / "logs/run.rank1.log").read_text()
-    assert "prepare: 26 train" in rank0 and "prepare:" not in rank1 and "sft: LoRA" in rank1
+    assert "sft: LoRA" in rank1
+    for stage in ("prepare:", "merge:", "eval:", "publish:"):
+        assert stage in rank0 and stage not in rank1, stage
 
 
 def test_launch_command_and_strategies():

@@ -29,7 +29,7 @@ def _all_error_classes():
 
 
 def test_every_error_class_exits_with_its_own_code_and_one_line(capsys):
-    from finetune.cli import _guard
+    from finetune.cli import guard
 
     classes = _all_error_classes()
     names = {c.__name__ for c in classes}
@@ -42,7 +42,7 @@ def test_every_error_class_exits_with_its_own_code_and_one_line(capsys):
             raise err
 
         with pytest.raises(typer.Exit) as e:
-            _guard(boom)()
+            guard(boom)()
         assert e.value.exit_code == cls.exit_code, cls
         err = capsys.readouterr().err
         assert err.strip() == f"error: {cls.__name__} happened", (cls, err)

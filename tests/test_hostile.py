@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -783,3 +784,38 @@ def test_report_chart_uses_percent_like_the_tables(tmp_path, monkeypatch):
             "tuned": {"score": 0.4, "ci95": [0.17, 0.69]}, "merged": {"score": 0.4, "ci95": [0.17, 0.69]}}
     report_png({"tasks": [task]}, tmp_path / "r.png")
     assert seen["ylim"] == (0, 100) and heights == [pytest.approx(20.0), pytest.approx(40.0), pytest.approx(40.0)]
+
+
+def test_a_normal_run_with_local_files_reevaluates_from_its_own_folder(smoke_runs, tmp_path):
+    """Paths are resolved once, at load: RUN/recipe.yaml holds them absolute, so `finetune eval RUN_DIR` works from any
+    directory after the recipe's own folder is gone (a recipe written to a temporary folder, a moved checkout).
+    A normal run (not --smoke): the base is a local model folder, the data and the eval task local files."""
+    import yaml
+
+    base = smoke_runs["legal"][0] / "base"
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copy(RECIPES / "samples/legal.jsonl", proj / "data/train.jsonl")
+    shutil.copy(RECIPES / "samples/legal_eval.jsonl", proj / "data/eval.jsonl")
+    (proj / "recipes").mkdir()
+    recipe = {"name": "local-legal", "domain": "legal",
+              "base_model": {"id": str(base), "family": "mistral", "license": "apache-2.0"},
+              "data": {"sources": [{"path": "../data/train.jsonl", "format": "alpaca", "license": "apache-2.0"}]},
+              "quantization": {"bits": 16}, "lora": {"r": 4, "lora_alpha": 8},
+              "training": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "optim": "adamw_torch"},
+              "eval": {"heldout": False, "tasks": [{"name": "legal-eval", "type": "perplexity", "path": "../data/eval.jsonl"}]},
+              "merge": {"enabled": False}, "publish": {"to": None}}
+    (proj / "recipes/r.yaml").write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    r = cli("run", "recipes/r.yaml", "--run-dir", run, cwd=proj, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    copy = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert copy["data"]["sources"][0]["path"] == str((proj / "data/train.jsonl").resolve())
+    assert copy["eval"]["tasks"][0]["path"] == str((proj / "data/eval.jsonl").resolve())
+    shutil.rmtree(proj / "recipes")  # the folder the relative paths were relative to
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = cli("eval", run, "--force", cwd=elsewhere, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((run / "eval/report.json").read_text())
+    assert [t["name"] for t in report["tasks"]] == ["legal-eval"] and report["tasks"][0]["n"] > 0

@@ -1,4 +1,4 @@
-"""What the model is trained on: prompt masked, EOS supervised (also when pad == eos), one BOS, exact boundary."""
+"""What the model is trained on: prompt masked, EOS supervised (and kept in a batch when pad == eos), one BOS, exact boundary."""
 
 from __future__ import annotations
 
@@ -16,11 +16,7 @@ def tok():
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
-@pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_prompt_masked_eos_supervised_one_bos(tok, template, pad_is_eos):
-    if pad_is_eos:
-        tok = build_tokenizer(["Define tort. A civil wrong."] * 5)
-        tok.pad_token = tok.eos_token
+def test_prompt_masked_eos_supervised_one_bos(tok, template):
     enc = encode(tok, ROW, template)
     assert enc.input_ids.count(tok.bos_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
     assert enc.labels[-1] == tok.eos_token_id == enc.input_ids[-1]
@@ -35,6 +31,26 @@ def test_prompt_masked_eos_supervised_one_bos(tok, template, pad_is_eos):
         assert gen == enc.prompt
     else:
         assert enc.prompt == alpaca_prompt("Define tort.") and enc.prompt.endswith("### Response:")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eos_stays_supervised_in_a_batch_when_pad_is_eos(packing):
+    """Where pad == eos matters: collation. trl's collator with our labels keeps every supervised EOS (also for the
+    shorter, padded row, and padding-free); the collator a plain causal-LM script uses masks every pad id, so it
+    drops the EOS: the preflight check that compares them must catch that."""
+    from transformers import DataCollatorForLanguageModeling as PlainCollator
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.preflight import check_batch
+
+    tok = build_tokenizer(["Define tort. A civil wrong. Below is an instruction that describes a task."] * 5)
+    tok.pad_token = tok.eos_token
+    rows = [encode(tok, ROW, "alpaca"), encode(tok, {**ROW, "output": "A civil wrong, and a longer answer."}, "alpaca")]
+    items = [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
+    assert check_batch(tok, DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=packing), items) == []
+    plain = PlainCollator(tok, mlm=False)
+    naive = check_batch(tok, plain, [{"input_ids": e.input_ids} for e in rows])
+    assert naive and "supervises 0 EOS tokens, the examples 2 (pad == eos)" in naive[0], naive
 
 
 def test_multi_turn_chat_supervises_every_assistant_turn(tok):
