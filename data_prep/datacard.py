@@ -82,7 +82,8 @@ def licence_warnings(sources: list[dict[str, Any]]) -> list[str]:
 def datacard(name: str, prov: dict[str, Any]) -> str:
     unit = prov["length_unit"]
     lines = [f"# Data card: {name}", ""]
-    lines += ["## Sources", "", "| source | licence | sha256 | read | kept | not selected | invalid | overlong | duplicate | near duplicate | contaminated | PII rows |",
+    lines += ["## Sources", "",
+              "| source | licence | sha256 | read | kept | not selected | invalid | overlong | duplicate | near duplicate | contaminated | PII rows |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in prov["sources"]:
         r = s["removed"]

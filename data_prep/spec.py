@@ -103,8 +103,10 @@ class Source(Location):
 class NearDedupeSpec(Section):
     """Near-duplicate removal with MinHash LSH (datasketch)."""
 
-    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Estimated Jaccard similarity at or above which a row is a near duplicate of an earlier one (0.8: Lee et al. 2022, 'Deduplicating training data').")
-    num_perm: int = Field(128, ge=16, description="MinHash permutations; more = a closer Jaccard estimate and slower (128: error ~0.09 at worst, ~0.03 typical).")
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Estimated Jaccard similarity at or above which a row is a near duplicate of "
+                             "an earlier one (0.8: Lee et al. 2022, 'Deduplicating training data').")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations; more = a closer Jaccard estimate and slower (128: error ~0.09 at "
+                          "worst, ~0.03 typical).")
     ngram: int = Field(5, ge=1, description="Shingle size in words (5-word shingles as in Lee et al. 2022); rows shorter than this are one shingle.")
 
 
@@ -126,7 +128,8 @@ class DecontaminateSpec(Section):
 
     enabled: bool = Field(True, description="Check the training rows against the eval sets (the recipe's eval tasks plus `against`).")
     ngram: int = Field(13, ge=4, description="Words per n-gram (13 as in GPT-3, Brown et al. 2020, appendix C).")
-    min_words: int = Field(8, ge=1, description="Eval items shorter than `ngram` words are matched whole when they have at least this many words (shorter ones are too generic to mean contamination).")
+    min_words: int = Field(8, ge=1, description="Eval items shorter than `ngram` words are matched whole when they have at least this many "
+                           "words (shorter ones are too generic to mean contamination).")
     action: Literal["remove", "flag"] = Field("remove", description="`remove` overlapping training rows (to rejects.jsonl) or only `flag` them in provenance.")
     against: list[Source] = Field(default_factory=list, description="Extra eval sets to check against (same keys as a source), e.g. GSM8K test.")
 
@@ -169,7 +172,8 @@ class DataSpec(Section):
     max_length: int = Field(2048, gt=8, description="Longest training example in tokens, prompt + response + EOS (BioMistral packs 2,048).")
     overlong: Literal["drop", "truncate", "error"] = Field(
         "drop",
-        description="Rows longer than `max_length`: `drop` them, `truncate` the response (keeping EOS supervised), or stop with an `error`. Counts are always reported.",
+        description="Rows longer than `max_length`: `drop` them, `truncate` the response (keeping EOS supervised), or stop with an `error`. "
+        "Counts are always reported.",
     )
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rows held out for validation, chosen by content hash (stable across runs).")
     val_max: int | None = Field(1000, ge=1, description="Cap on validation rows, so evaluation stays quick on big sets.")

@@ -14,6 +14,7 @@ import yaml
 from data_prep import licences
 from data_prep.licences import is_non_commercial
 
+from .artifacts import MergeCheck, TrainingSummary
 from .harness import report_markdown
 from .recipe import Recipe
 from .run import RunDir, read_json
@@ -104,8 +105,8 @@ def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
 def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
     prov = read_json(run.data / "provenance.json", {"sources": []})
     report = read_json(run.eval / "report.json", {"tasks": []})
-    check = read_json(run.merge_check, None)
-    summary = read_json(run.adapter / "training_summary.json", {})
+    check = MergeCheck.read_if_present(run.merge_check)
+    summary = TrainingSummary.read(run.adapter / "training_summary.json")
     license_id, warnings = card_license(recipe, prov["sources"])
     tags = ["finetune", recipe.domain, "lora"] + (["qlora", "4-bit"] if recipe.quantization.bits == 4 else []) + list(recipe.publish.tags)
     front: dict[str, Any] = {
@@ -115,7 +116,8 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
         "tags": list(dict.fromkeys(tags)),
     }
     if license_id == "other":
-        front["license_name"] = other_name({p.get("license") or "unknown" for p in prov["sources"]} | ({recipe.base_model.license} if recipe.base_model.license else set()))
+        applies = {p.get("license") or "unknown" for p in prov["sources"]} | ({recipe.base_model.license} if recipe.base_model.license else set())
+        front["license_name"] = other_name(applies)
     hub_sets = [p["hub"] for p in prov["sources"] if p.get("hub")]
     if hub_sets:
         front["datasets"] = hub_sets
@@ -138,15 +140,16 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     if gguf:
         lines += [f"The base was read from the GGUF file `{gguf['file']}` (sha256 `{gguf['sha256']}`), dequantized to {gguf.get('dtype', 'float32')}.", ""]
     lines += [f"> {w}" for w in warnings] + ([""] if warnings else [])
-    lines += ["## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "", report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
+    lines += ["## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "",
+              report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
     lines += ["## Training", "",
               f"- LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}, targets={recipe.lora.target_modules}",
               f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}), batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps}, "
-              f"{summary.get('global_step', '?')} steps, final train loss {summary.get('train_loss', float('nan')):.4f}",
+              f"{summary.global_step} steps, final train loss {summary.train_loss:.4f}",
               f"- template `{recipe.data.template}`, max length {recipe.data.max_length} tokens, seed {t.seed}"]
-    q = summary.get("quantization", {})
-    if q.get("bits") == 4:
-        lines.append(f"- 4-bit: {q['quantized_modules']} layers, {100 * q['share_of_block_matmul_weights']:.1f}% of block matmul weights")
+    q = summary.quantization
+    if q.bits == 4:
+        lines.append(f"- 4-bit: {q.quantized_modules} layers, {100 * (q.share_of_block_matmul_weights or 0):.1f}% of block matmul weights")
     lines += ["", "## Data provenance", "", "| source | licence | sha256 | rows read | kept | removed |", "|---|---|---|---|---|---|"]
     for p in prov["sources"]:
         removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.get("removed", {}).items() if v) or "none"
@@ -160,18 +163,18 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
         lines += [f"Personal data: {pii['rows']} rows with findings ({pii['action']})."]
     if check:
         lines += ["", "## Merge check", "",
-                  f"Merged into the {check['base']} base and saved as {check['saved_dtype']}. On {check['probes']} probe rows the adapter "
-                  f"moved the base's logits by up to {check['adapter_vs_base_max_abs_diff']:.3g}; merged and adapter logits differ by at most "
-                  f"{check['merged_vs_adapter_max_abs_diff']:.2e} in float32 (tolerance {check['atol']:.2e}"
-                  f"{', derived from float32 rounding and the logits size' if check.get('atol_source') == 'derived' else ''})."]
-        ppl = check.get("perplexity") or {}
+                  f"Merged into the {check.base} base and saved as {check.saved_dtype}. On {check.probes} probe rows the adapter "
+                  f"moved the base's logits by up to {check.adapter_vs_base_max_abs_diff:.3g}; merged and adapter logits differ by at most "
+                  f"{check.merged_vs_adapter_max_abs_diff:.2e} in float32 (tolerance {check.atol:.2e}"
+                  f"{', derived from float32 rounding and the logits size' if check.atol_source == 'derived' else ''})."]
+        ppl = check.perplexity
         if ppl:
             lines += ["", "| probe perplexity | " + " | ".join(ppl) + " |", "|---|" + "---|" * len(ppl),
                       "| | " + " | ".join(f"{v:.4g}" for v in ppl.values()) + " |"]
-        if check.get("merged_vs_trained_max_abs_diff") is not None:
+        if check.merged_vs_trained_max_abs_diff is not None:
             lines += ["", f"Against the model as trained (4-bit base + adapter) the merged model's logits differ by up to "
-                      f"{check['merged_vs_trained_max_abs_diff']:.3g}"
-                      + (" (the 4-bit rounding the adapter was trained with)." if check["base"] == "original_16bit" else ".")]
+                      f"{check.merged_vs_trained_max_abs_diff:.3g}"
+                      + (" (the 4-bit rounding the adapter was trained with)." if check.base == "original_16bit" else ".")]
     lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
               *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name)]
     return "\n".join(lines)

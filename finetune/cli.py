@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +21,7 @@ from data_prep.errors import FinetuneError
 
 from .errors import UserError
 from .preempt import Preempted
-from .run import STAGES
+from .stages import NAMES as STAGE_NAMES
 
 def _plain_types() -> None:
     """typer 0.29 prints each option's Python type in help (`--set <list[str]>`, `--smoke <bool>`) and, with rich markup
@@ -56,10 +57,12 @@ LaptopOpt = Annotated[bool, typer.Option("--laptop", help="The real small model 
                                          "the recipe's pipeline, template and tasks, sized to about 15 minutes on 2 cores.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", metavar="DIR", help="With --laptop: where the `local:` files of the "
                                                    "recipe's Hub sources and tasks are (default: the recipe's folder).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                    help="Override a recipe value: --set training.learning_rate=1e-4 (repeatable).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", metavar="DIR", help="Run directory (default runs/<name>/, runs/<name>-smoke/ "
                                                   "with --smoke, runs/<name>-laptop/ with --laptop).")]
-ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", metavar="STAGE", help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGES) + ".")]
+ForceOpt = Annotated[Optional[list[str]], typer.Option("--force", metavar="STAGE",
+                                                      help="Rerun this stage even if it is done (repeatable): " + ", ".join(STAGE_NAMES) + ".")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Skip stages done with the same inputs and continue an interrupted "
                                          "training from its newest complete checkpoint (default); --no-resume starts training over.")]
 DriftOpt = Annotated[bool, typer.Option("--allow-drift", help="Resume a training whose recipe or data changed since its checkpoint "
@@ -162,39 +165,71 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _run(recipe: Path, stages: tuple[str, ...], smoke: bool, overrides, run_dir, force, resume=True, allow_drift=False,
-         show_example=False, scale: dict | None = None, laptop: bool = False, data_dir: Path | None = None) -> None:
+@dataclass
+class RunOptions:
+    """How `finetune run` and the stage commands were invoked: read once from the command line, turned back into one
+    (`argv`) for the torchrun relaunch, so an option added here cannot be lost on the way to the other processes."""
+
+    recipe: Path
+    smoke: bool = False
+    laptop: bool = False
+    data_dir: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+    force: list[str] = field(default_factory=list)
+    resume: bool = True
+    allow_drift: bool = False
+    show_example: bool = False
+    gpus: int | None = None
+    nodes: int | None = None
+    node_rank: int = 0
+    main_address: str | None = None
+
+    def argv(self, command: str, run_dir: Path) -> list[str]:
+        """The same command for each process torchrun starts (without the scale options: they are torchrun's now)."""
+        return [command, str(self.recipe), *(["--smoke"] if self.smoke else []), *(["--laptop"] if self.laptop else []),
+                *(["--data-dir", str(self.data_dir)] if self.data_dir else []),
+                *[a for o in self.overrides for a in ("--set", o)], "--run-dir", str(run_dir),
+                *[a for s in self.force for a in ("--force", s)], *([] if self.resume else ["--no-resume"]),
+                *(["--allow-drift"] if self.allow_drift else []), *(["--show-example"] if self.show_example else [])]
+
+
+def _run(command: str, opts: RunOptions) -> None:
+    """Run the stages up to `command`'s (all of them for `run`)."""
+    from . import stages
     from .pipeline import make_context
 
-    ctx, resolved = make_context(str(recipe), overrides or [], smoke, str(run_dir) if run_dir else None, force or [],
-                                 resume=resume, allow_drift=allow_drift, show_example=show_example, laptop=laptop,
-                                 data_dir=str(data_dir) if data_dir else None)
-    nodes, node_rank = (scale or {}).get("nodes") or ctx.recipe.distributed.nodes, (scale or {}).get("node_rank") or 0
-    if not node_rank < nodes:
-        raise UserError(f"--node-rank {node_rank}: node ranks run from 0 to --nodes - 1 ({nodes - 1}); this one would wait forever")
+    selected = stages.NAMES if command == "run" else stages.upto(command)
+    ctx, resolved = make_context(str(opts.recipe), opts.overrides, opts.smoke, str(opts.run_dir) if opts.run_dir else None,
+                                 opts.force, resume=opts.resume, allow_drift=opts.allow_drift, show_example=opts.show_example,
+                                 laptop=opts.laptop, data_dir=str(opts.data_dir) if opts.data_dir else None)
+    target = stages.get(selected[-1])
+    if not target.active(ctx.recipe):
+        raise UserError(f"finetune {command}: {opts.recipe} has no {target.name} stage (stages: [{', '.join(ctx.recipe.stages)}]); "
+                        f"add it with --set 'stages=[{target.name}, sft]'" if target.name == "cpt" else
+                        f"finetune {command}: the recipe does not run the {target.name} stage")
+    nodes = opts.nodes or ctx.recipe.distributed.nodes
+    if not opts.node_rank < nodes:
+        raise UserError(f"--node-rank {opts.node_rank}: node ranks run from 0 to --nodes - 1 ({nodes - 1}); this one would wait forever")
     import contextlib
 
     from .runlock import exclusive
 
     # Node rank 0 holds the lock for the whole job; other nodes may share its file system.
-    with exclusive(ctx.run.root) if not (scale or {}).get("node_rank") else contextlib.nullcontext():
-        _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, allow_drift, show_example, scale or {})
+    with exclusive(ctx.run.root) if not opts.node_rank else contextlib.nullcontext():
+        _run_locked(ctx, resolved, command, selected, opts)
 
 
-def _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, allow_drift, show_example, scale) -> None:
-    from . import distributed
+def _run_locked(ctx, resolved, command: str, selected: tuple[str, ...], opts: RunOptions) -> None:
+    from . import distributed, stages
     from .pipeline import run_stages, start
     from .preempt import handling
 
     d = ctx.recipe.distributed
-    gpus, nodes = scale.get("gpus") or d.gpus, scale.get("nodes") or d.nodes
-    if (gpus > 1 or nodes > 1) and not distributed.active():
-        argv = [stages[-1] if stages[-1] != "publish" else "run", str(recipe), *(["--smoke"] if smoke else []),
-                *(["--laptop"] if ctx.laptop else []),
-                *[a for o in overrides or [] for a in ("--set", o)], "--run-dir", str(ctx.run.root),
-                *[a for f in force or [] for a in ("--force", f)], *([] if resume else ["--no-resume"]),
-                *(["--allow-drift"] if allow_drift else []), *(["--show-example"] if show_example else [])]
-        _relaunch(ctx, argv, gpus, nodes, scale.get("node_rank", 0), scale.get("main_address"), d.main_port)
+    gpus, nodes = opts.gpus or d.gpus, opts.nodes or d.nodes
+    trains = any(stages.get(s).all_ranks and stages.get(s).active(ctx.recipe) for s in selected)
+    if (gpus > 1 or nodes > 1) and trains and not distributed.active():
+        _relaunch(ctx, opts.argv(command, ctx.run.root), gpus, nodes, opts.node_rank, opts.main_address, d.main_port)
         return
     _quiet_libraries()
 
@@ -205,7 +240,7 @@ def _run_locked(ctx, resolved, recipe, stages, smoke, overrides, force, resume, 
 
     with handling():
         start(ctx, resolved)
-        run_stages(ctx, stages, on_event=event)
+        run_stages(ctx, selected, on_event=event)
     if not distributed.active():  # under --gpus the launching process says it, once
         typer.echo(str(ctx.run.root))
 
@@ -255,40 +290,49 @@ def run(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, d
     """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped.
 
     SIGTERM or Ctrl-C during training finishes the step, writes a checkpoint and exits 143; the same command continues."""
-    _run(recipe, STAGES, smoke, set_, run_dir, force, resume, allow_drift, show_example,
-         {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address}, laptop, data_dir)
+    _run("run", RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or [], resume, allow_drift, show_example,
+                           gpus, nodes, node_rank, main_address))
 
 
-def _stage_command(stage: str, doc: str):
+def _stage_command(name: str, doc: str) -> None:
+    """`finetune NAME RECIPE`: the stages up to NAME, with `run`'s options."""
     def command(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
                 run_dir: RunDirOpt = None, force: ForceOpt = None,
                 resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
                 nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
-        _run(recipe, STAGES[: STAGES.index(stage) + 1], smoke, set_, run_dir, force, resume, allow_drift, show_example,
-             {"gpus": gpus, "nodes": nodes, "node_rank": node_rank, "main_address": main_address}, laptop, data_dir)
+        _run(name, RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or [], resume, allow_drift, show_example,
+                              gpus, nodes, node_rank, main_address))
 
     command.__doc__ = doc
-    app.command(name=stage)(guard(command))
+    app.command(name=name)(guard(command))
 
 
-@app.command(name="prepare")
-@guard
-def prepare_(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
-             run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
-    """Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md."""
-    _run(recipe, STAGES[:1], smoke, set_, run_dir, force, laptop=laptop, data_dir=data_dir)
-_stage_command("train", "Train the adapter (runs prepare first if it is not done).")
+def _stage_commands() -> None:
+    """One command per declared stage (finetune/stages.py) that has no richer command of its own, and one per alias."""
+    from . import stages
+
+    for s in stages.STAGES:
+        if s.command:
+            _stage_command(s.name, s.help)
+            for alias in s.aliases:
+                _stage_command(alias, f"Same as `finetune {s.name}` (its earlier name). " + s.help)
+
+
+_stage_commands()
 
 
 @app.command()
 @guard
-def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
+def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]",
+                                                           help="Recipe YAML: merge its run's adapter (runs earlier stages if needed).")] = None,
           smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
           run_dir: RunDirOpt = None, force: ForceOpt = None,
           base: Annotated[Optional[str], typer.Option("--base", metavar="MODEL", help="Without a recipe: the base model the adapters were trained on.")] = None,
-          adapters: Annotated[Optional[list[str]], typer.Option("--adapters", metavar="DIR[,DIR...]", help="Adapter folders to combine (repeat, or comma-separated).")] = None,
+          adapters: Annotated[Optional[list[str]], typer.Option("--adapters", metavar="DIR[,DIR...]",
+                                                                help="Adapter folders to combine (repeat, or comma-separated).")] = None,
           method: Annotated[str, typer.Option("--method", metavar="METHOD", help="linear, ties, dare_ties, dare_linear or cat.")] = "linear",
-          weights: Annotated[Optional[str], typer.Option("--weights", metavar="W[,W...]", help="One weight per adapter, comma-separated (default: equal, summing to 1).")] = None,
+          weights: Annotated[Optional[str], typer.Option("--weights", metavar="W[,W...]",
+                                                         help="One weight per adapter, comma-separated (default: equal, summing to 1).")] = None,
           density: Annotated[float, typer.Option("--density", help="ties/dare: share of each adapter's weights kept.")] = 0.5,
           seed: Annotated[int, typer.Option("--seed", help="dare: seed of the random drop.")] = 0,
           fold: Annotated[bool, typer.Option("--fold", help="Also fold the combination into the base: OUT/merged/, verified.")] = False,
@@ -316,22 +360,24 @@ def merge(recipe: Annotated[Optional[Path], typer.Argument(metavar="[RECIPE]", h
         return
     if recipe is None:
         raise UserError("finetune merge: give a RECIPE, or --base/--adapters/--out to combine adapters")
-    _run(recipe, STAGES[: STAGES.index("merge") + 1], smoke, set_, run_dir, force, laptop=laptop, data_dir=data_dir)
+    _run("merge", RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or []))
 
 
 
-_stage_command("cpt", "Continued pretraining on the recipe's raw text (when its stages are [cpt, sft]; runs prepare first).")
 
 
 @app.command(name="eval")
 @guard
-def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR", help="A run directory, a Hugging Face-format model folder, or an adapter folder.")],
+def eval_(target: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN_DIR",
+                                                help="A run directory, a Hugging Face-format model folder, or an adapter folder.")],
           tasks: Annotated[Optional[Path], typer.Option("--tasks", help="Task file (YAML, `tasks: [...]`); default for a run: the recipe's eval.")] = None,
           adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder: the report then has base and tuned side by side.")] = None,
           out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default RUN/eval-<tasks> or ./eval-<model>).")] = None,
-          template: Annotated[Optional[str], typer.Option("--template", metavar="raw|alpaca|chat", help="Force every task's template: raw, alpaca or chat.")] = None,
+          template: Annotated[Optional[str], typer.Option("--template", metavar="raw|alpaca|chat",
+                                                          help="Force every task's template: raw, alpaca or chat.")] = None,
           batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 8,
-          max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score N items per task: a seeded sample, stratified by gold label for classification (quick runs).")] = None,
+          max_samples: Annotated[Optional[int], typer.Option("--max-samples", min=1, help="Score N items per task: a seeded sample, "
+                                                             "stratified by gold label for classification (quick runs).")] = None,
           bits: Annotated[int, typer.Option("--bits", help="Load a plain model in 16 bits, or 4/8 through bitsandbytes.")] = 16,
           force: Annotated[bool, typer.Option("--force", help="Run directory without --tasks: re-evaluate even if done.")] = False) -> None:
     """Evaluate a model (and its adapter) on tasks defined in YAML; for a run directory, base vs tuned as its recipe says."""

@@ -78,17 +78,21 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
             seed: int = 0, fold: bool = False, atol: float | None = None) -> dict[str, Any]:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .merge import CHANGED_MIN, MergeError, logits, max_diff, tolerance
+    from .models import Loader, load_model, load_tokenizer
+    from .moe import fuse_experts
 
     weights = weights or [1.0 / len(adapters)] * len(adapters)
     configs = check_inputs(base, adapters, method, weights)
     sparsifies = method not in ("linear", "cat")  # ties and dare keep a `density` share of each adapter
     if sparsifies and not 0 < density <= 1:
         raise UserError(f"--density {density}: the share of each adapter's weights kept, in (0, 1]")
-    tok = AutoTokenizer.from_pretrained(adapters[0] if (adapters[0] / "tokenizer_config.json").exists() else base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"})
+    # Through the loaders every run uses: the remote-code refusal, the pad-token fix, and MoE experts unfused into the
+    # per-expert linears the adapters were trained on (a fused Mixtral has no module an expert adapter could reach).
+    spec = Loader.plain(base, "--base")
+    tok = load_tokenizer(str(adapters[0]) if (adapters[0] / "tokenizer_config.json").exists() else base, spec)
+    model = load_model(base, spec, quantized=False, dtype=torch.float32)
     enc = tok(list(PROBES), return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     base_logits = logits(model, ids, mask)
@@ -128,6 +132,7 @@ def combine(base: str, adapters: list[Path], method: str, weights: list[float] |
         atol, why = tolerance(model, combined_logits, mask, changed, atol)
         merged = model.merge_and_unload(adapter_names=["default"])
         diff = max_diff(logits(merged, ids, mask), combined_logits, mask)
+        fuse_experts(merged)  # MoE: back to transformers' fused layout, so the merged model loads anywhere
         check.update(merged_vs_adapter_max_abs_diff=diff, atol=atol, **why, passed=diff <= atol)
         if diff > atol:
             write_json(out / "merge_check.json", check)

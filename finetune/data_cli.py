@@ -18,8 +18,10 @@ synth_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Synth
 app.add_typer(synth_app, name="synth")
 
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Public schema adapter: gsm8k, pubmedqa, legalbench, mmlu, sharegpt.")]
-OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", metavar="KEY=VALUE", help="Adapter option KEY=VALUE (repeatable), e.g. --option boxed=true.")]
-FieldOpt = Annotated[Optional[list[str]], typer.Option("--field", metavar="OURS=THEIRS", help="Column mapping OURS=THEIRS (repeatable), e.g. --field instruction=question.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", metavar="KEY=VALUE",
+                                                       help="Adapter option KEY=VALUE (repeatable), e.g. --option boxed=true.")]
+FieldOpt = Annotated[Optional[list[str]], typer.Option("--field", metavar="OURS=THEIRS",
+                                                      help="Column mapping OURS=THEIRS (repeatable), e.g. --field instruction=question.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="Row layout: auto, alpaca, messages, text.")]
 ReaderOpt = Annotated[str, typer.Option("--reader", help="auto, jsonl, json, csv, tsv, parquet, documents, hf_disk.")]
 TokOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer (Hub id or folder) to count tokens with.")]
@@ -55,12 +57,14 @@ def _token_counter(tokenizer: str | None, template: str = "alpaca", system_promp
     """A row's length in tokens as training will see it (the template rendered, EOS included)."""
     if not tokenizer:
         return None
-    from transformers import AutoTokenizer
-
+    from .errors import UserError
+    from .models import Loader, load_tokenizer
     from .templates import row_encoder
 
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok = load_tokenizer(tokenizer, Loader.plain(tokenizer, "--tokenizer"))  # the loader a run uses, pad fix included
+    except UserError:
+        raise
     except Exception as e:
         raise DataError(f"--tokenizer {tokenizer}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     enc = row_encoder(tok, template, system_prompt)
@@ -74,9 +78,11 @@ def _token_counter(tokenizer: str | None, template: str = "alpaca", system_promp
 
 
 @app.command()
-def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE", help="A data spec YAML (name:, sources:, quality: ...) or a recipe (its data: section).")],
+def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE",
+                                               help="A data spec YAML (name:, sources:, quality: ...) or a recipe (its data: section).")],
           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default built/<name>/).")] = None,
-          set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                            help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
           tokenizer: TokOpt = None, progress: ProgressOpt = True) -> None:
     """Build an instruction set: train.jsonl, val.jsonl, rejects.jsonl, provenance.json, datacard.md, lengths.png."""
     from pydantic import ValidationError

@@ -98,10 +98,10 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
 
 def merged_to_score(run: RunDir) -> Path | None:
     """RUN/merged/ when it exists and passed its check (a failed merge is never published, so never scored)."""
-    from .run import read_json
+    from .artifacts import MergeCheck
 
-    check = read_json(run.merge_check, None)
-    if not (run.merged / "config.json").is_file() or not (check or {}).get("passed"):
+    check = MergeCheck.read_if_present(run.merge_check)
+    if not (run.merged / "config.json").is_file() or check is None or not check.passed:
         return None
     return run.merged
 
@@ -140,14 +140,6 @@ def _free_memory() -> None:
 # `finetune eval MODEL_OR_RUN_DIR --tasks FILE`
 
 
-def _standalone_recipe(model_dir: str, bits: int) -> Recipe:
-    """The loaders take a recipe; a plain model evaluated on its own gets a minimal one (the data section is never read)."""
-    from .recipe import parse_recipe
-
-    return parse_recipe({"name": "eval", "base_model": {"id": model_dir, "dtype": "bfloat16"}, "data": {"sources": [{"path": "unused.jsonl"}]},
-                         "quantization": {"bits": bits, "on_low_share": "warn"}}, "finetune eval")
-
-
 def check_model_dir(path: Path) -> str:
     """'model' or 'adapter'; anything else is the user's mistake, said once."""
     if not path.exists():
@@ -170,7 +162,7 @@ def check_model_dir(path: Path) -> str:
 
 def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path | None, template: str | None,
                  batch_size: int, max_samples: int | None, bits: int) -> Path:
-    from .models import load_model, load_tokenizer
+    from .models import Loader, load_model, load_tokenizer
     from .tasks import load_task_file
 
     tasks, tasks_dir = load_task_file(tasks_file)
@@ -178,6 +170,7 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
     recipe_template = None
     if run.recipe.exists():  # a run directory: its base (as trained) and its adapter, its template
         recipe, _ = run.load_recipe()
+        spec = Loader.of(recipe)
         model_dir = recipe.base_model.id
         adapter = adapter or run.adapter
         recipe_template, system_prompt = recipe.data.template, recipe.data.system_prompt
@@ -192,7 +185,7 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
                 raise UserError(f"{target}/adapter_config.json names no base model; pass the base as MODEL and this folder as --adapter")
         else:
             model_dir = str(target)
-        recipe = _standalone_recipe(model_dir, bits)
+        spec = Loader.plain(model_dir, "MODEL", bits=bits)
         system_prompt = None
         out = out or Path(f"eval-{target.resolve().name}")
     from data_prep.outputs import check_output, mark
@@ -204,10 +197,10 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
         tasks = [t.model_copy(update={"template": template}) for t in tasks]
     if max_samples:
         tasks = [t.model_copy(update={"max_samples": min(max_samples, t.max_samples or max_samples)}) for t in tasks]
-    tok = load_tokenizer(model_dir, recipe)
+    tok = load_tokenizer(model_dir, spec)
     sampling: dict[str, dict[str, Any]] = {}
     suites = [(t, load_items(t, tasks_dir, recipe_template, tok, system_prompt, info=sampling.setdefault(t.name, {}))) for t in tasks]
-    model = load_model(model_dir, recipe, quantized=recipe.quantization.bits != 16)
+    model = load_model(model_dir, spec, quantized=spec.quantization.bits != 16)
     if adapter is not None:
         from peft import PeftModel
 

@@ -36,9 +36,11 @@ _STANDINS = {
     # Mixtral-8x7B routes each token to 2 of 8 experts; 4 experts keep the routing real at a quarter of the size.
     "mixtral": dict(_TINY, intermediate_size=128, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     # GPT-OSS: biased, interleaved gate/up experts and attention sinks; head_dim is explicit in its config.
-    "gpt_oss": dict(_TINY, intermediate_size=128, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention"], sliding_window=128),
+    "gpt_oss": dict(_TINY, intermediate_size=128, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention"], sliding_window=128),
     # Falcon-7B: multi-query attention, parallel attention + MLP; its linear layers are FalconLinear subclasses.
-    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True, new_decoder_architecture=False, tie_word_embeddings=False),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True,
+                   new_decoder_architecture=False, tie_word_embeddings=False),
 }
 _CONFIG_CLASSES = {
     "llama": "LlamaConfig",

@@ -15,12 +15,13 @@ from data_prep.errors import DataError
 
 from . import metrics
 from .answers import equivalent, extract
-from .tasks import EvalTask, Item, normalise_label, resolved_template, stops
+from .tasks import METRICS, EvalTask, Item, normalise_label, resolved_template, stops
 
 log = logging.getLogger("finetune")
 
-SECONDARY = {"multiple_choice": ("accuracy", "accuracy_norm"), "classification": ("balanced_accuracy", "accuracy", "macro_f1"),
-             "exact_match": ("exact_match",), "perplexity": ("perplexity",)}
+def secondary(task_type: str) -> tuple[str, ...]:
+    """Every metric a task type reports beside its primary one: the choices of tasks.METRICS, the one table."""
+    return METRICS[task_type][1]
 
 
 def gold_answers(task: EvalTask, items: list[Item]) -> list[str]:
@@ -71,7 +72,7 @@ def score_items(lm, task: EvalTask, items: list[Item], recipe_template: str | No
 
 def model_scores(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
     main = metrics.score(task.metric, results)
-    extra = {m: metrics.score(m, results)["score"] for m in SECONDARY[task.type] if m != task.metric}
+    extra = {m: metrics.score(m, results)["score"] for m in secondary(task.type) if m != task.metric}
     return {**main, **({"metrics": extra} if extra else {})}
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .artifacts import MergeCheck
 from .errors import StageFailed
 from .models import DTYPES, device, load_model, load_tokenizer
-from .moe import refuse_experts
+from .moe import fuse_experts
 from .recipe import Recipe
-from .run import RunDir, read_jsonl, write_json
+from .run import RunDir, read_jsonl
 
 log = logging.getLogger("finetune")
 
@@ -185,7 +186,7 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     merged = model.merge_and_unload()
     merged_logits = logits(merged, ids, mask)
     diff = max_diff(merged_logits, adapter_logits, mask)
-    refuse_experts(merged)  # MoE: back to transformers' fused layout so the merged model loads anywhere
+    fuse_experts(merged)  # MoE: back to transformers' fused layout so the merged model loads anywhere
     lora_left = [n for n, _ in merged.named_parameters() if "lora_" in n]
     check: dict[str, Any] = {
         "base": m.base,
@@ -210,7 +211,7 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     }
     if m.verify and (diff > atol or lora_left):
         check["passed"] = False
-        write_json(run.merge_check, check)
+        MergeCheck(**check).write(run.merge_check)
         raise MergeError(f"merged model differs from the adapter by {diff:.2e} > the tolerance {atol:.2e} ({why['atol_source']}; "
                          f"see {run.merge_check})")
     merged = merged.to(DTYPES[m.dtype])
@@ -234,9 +235,9 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         )
         check["passed"] = (not m.verify) or (not differing and weight_dtypes == [m.dtype])
         if not check["passed"]:
-            write_json(run.merge_check, check)
+            MergeCheck(**check).write(run.merge_check)
             raise MergeError(f"saved merged model does not reload as verified (see {run.merge_check})")
-    write_json(run.merge_check, check)
+    MergeCheck(**check).write(run.merge_check)
     log.info("merge: adapter moved logits by %.3g; merged vs adapter %.2e (tolerance %.2e, %s); saved as %s", changed, diff, atol,
              why["atol_source"], m.dtype)
     return check

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import QuantizationError, UserError
 from .moe import LinearExperts, unfuse_experts
-from .recipe import Recipe
+from .recipe import BaseModelSpec, QuantizationSpec, Recipe
 
 log = logging.getLogger("finetune")
 
@@ -41,25 +41,52 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def placement(recipe: Recipe) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Loader:
+    """What loading a model needs, and nothing more: the base model section, how to quantize it, and how ranks shard.
+    Every command loads through it (train, eval, merge, combine, chat, the data commands), so the remote-code refusal,
+    the pad-token fix and MoE expert unfusing apply everywhere; `Loader.of(recipe)` for a run, `Loader.plain(id)` for a
+    model given on the command line."""
+
+    base: BaseModelSpec
+    quantization: QuantizationSpec = field(default_factory=lambda: QuantizationSpec(bits=16))
+    strategy: str = "ddp"
+    what: str = "base_model.id"  # how messages name the model: the recipe key, or the option it came from
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> Loader:
+        return cls(recipe.base_model, recipe.quantization, recipe.distributed.strategy)
+
+    @classmethod
+    def plain(cls, model_id: str, what: str, bits: int = 16, trust_remote_code: bool = False) -> Loader:
+        return cls(BaseModelSpec(id=model_id, trust_remote_code=trust_remote_code),
+                   QuantizationSpec(bits=bits, on_low_share="warn"), what=what)
+
+
+def loader(spec: Loader | Recipe) -> Loader:
+    return spec if isinstance(spec, Loader) else Loader.of(spec)
+
+
+
+def placement(spec: Loader | Recipe) -> dict[str, Any] | None:
     """Where the weights load: this rank's own GPU under DDP (not all on cuda:0), nowhere in particular under FSDP or
     DeepSpeed (they place the shards), the CPU without CUDA."""
     import os
 
     if not torch.cuda.is_available():
         return {"": "cpu"}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and recipe.distributed.strategy != "ddp":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and loader(spec).strategy != "ddp":
         return None
     return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
 
 
-def compute_dtype(recipe: Recipe) -> torch.dtype:
+def compute_dtype(spec: Loader | Recipe) -> torch.dtype:
     # CPUs compute 4-bit matmuls in float32 (bf16 autocast on CPU is slow and changes nothing we test).
-    return DTYPES[recipe.quantization.compute_dtype] if device() == "cuda" else torch.float32
+    return DTYPES[loader(spec).quantization.compute_dtype] if device() == "cuda" else torch.float32
 
 
-def weights_dtype(recipe: Recipe) -> torch.dtype:
-    return DTYPES[recipe.base_model.dtype] if device() == "cuda" else torch.float32
+def weights_dtype(spec: Loader | Recipe) -> torch.dtype:
+    return DTYPES[loader(spec).base.dtype] if device() == "cuda" else torch.float32
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -73,76 +100,77 @@ def cpu_has_fast_bf16() -> bool:
     return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
 
 
-_REMOTE_CODE = ("base_model.id {id!r} needs Python code shipped with the model repository, which finetune does not run "
+_REMOTE_CODE = ("{what} {id!r} needs Python code shipped with the model repository, which finetune does not run "
                 "unless the recipe says so: set base_model.trust_remote_code: true only for a repository you trust")
 
 
-def load_tokenizer(model_path: str, recipe: Recipe):
+def load_tokenizer(model_path: str, spec: Loader | Recipe):
     from transformers import AutoTokenizer
 
+    base = loader(spec).base
     try:
-        tok = AutoTokenizer.from_pretrained(
-            model_path, revision=_revision(model_path, recipe), trust_remote_code=recipe.base_model.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(model_path, revision=_revision(model_path, base), trust_remote_code=base.trust_remote_code)
     except OSError as e:
-        raise UserError(f"base_model.id {recipe.base_model.id!r}: cannot load its tokenizer ({e})") from None
+        raise UserError(f"{loader(spec).what} {base.id!r}: cannot load its tokenizer ({e})") from None
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise UserError(_REMOTE_CODE.format(id=recipe.base_model.id)) from None
+        raise UserError(_REMOTE_CODE.format(what=loader(spec).what, id=base.id)) from None
     if tok.pad_token is None:
         # Our labels carry the EOS explicitly, so pad == eos cannot mask it; a distinct pad is still preferred.
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
 
 
-def _revision(model_path: str, recipe: Recipe) -> str | None:
-    return None if Path(model_path).exists() else recipe.base_model.revision
+def _revision(model_path: str, base: BaseModelSpec) -> str | None:
+    return None if Path(model_path).exists() else base.revision
 
 
-def bnb_config(recipe: Recipe):
+def bnb_config(spec: Loader | Recipe):
     from transformers import BitsAndBytesConfig
 
-    q = recipe.quantization
+    spec = loader(spec)
+    q = spec.quantization
     if q.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=q.type,
             bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype(recipe),
+            bnb_4bit_compute_dtype=compute_dtype(spec),
             # FSDP/ZeRO-3 shard parameters of one dtype: the packed 4-bit weights are stored in the compute dtype
             # (Answer.AI's FSDP+QLoRA); DDP keeps bitsandbytes' uint8 storage.
-            **({"bnb_4bit_quant_storage": compute_dtype(recipe)} if recipe.distributed.strategy != "ddp" else {}),
+            **({"bnb_4bit_quant_storage": compute_dtype(spec)} if spec.strategy != "ddp" else {}),
         )
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_model(model_path: str, recipe: Recipe, quantized: bool, dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(model_path: str, spec: Loader | Recipe, quantized: bool, dtype: torch.dtype | None = None) -> nn.Module:
     """Load the base for training or evaluation (`quantized`: as the recipe says) or as a plain 16/32-bit model
     (merging). MoE experts are always unfused, so adapter module names agree between training and merging."""
     from transformers import AutoModelForCausalLM
 
-    qconf = bnb_config(recipe) if quantized else None
+    spec = loader(spec)
+    qconf = bnb_config(spec) if quantized else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
-            revision=_revision(model_path, recipe),
-            dtype=dtype or weights_dtype(recipe),
+            revision=_revision(model_path, spec.base),
+            dtype=dtype or weights_dtype(spec),
             quantization_config=qconf,
-            device_map=placement(recipe),
-            trust_remote_code=recipe.base_model.trust_remote_code,
+            device_map=placement(spec),
+            trust_remote_code=spec.base.trust_remote_code,
         )
     except OSError as e:
-        raise UserError(f"base_model.id {recipe.base_model.id!r}: cannot load the model ({e})") from None
+        raise UserError(f"{spec.what} {spec.base.id!r}: cannot load the model ({e})") from None
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise UserError(_REMOTE_CODE.format(id=recipe.base_model.id)) from None
+        raise UserError(_REMOTE_CODE.format(what=spec.what, id=spec.base.id)) from None
     unfuse_experts(model)
-    if qconf is not None and recipe.quantization.bits == 4:
-        quantize_leftover_linears(model, recipe)
+    if qconf is not None and spec.quantization.bits == 4:
+        quantize_leftover_linears(model, spec)
         disable_cpu_repack(model)
     return model
 
@@ -170,15 +198,15 @@ def _behaves_like_linear(module: nn.Linear) -> bool:
         return torch.allclose(module(x), ref, rtol=1e-4, atol=1e-5)
 
 
-def to_linear4bit(module: nn.Linear, recipe: Recipe) -> nn.Module:
+def to_linear4bit(module: nn.Linear, spec: Loader | Recipe) -> nn.Module:
     import bitsandbytes as bnb
 
-    q = recipe.quantization
+    q = loader(spec).quantization
     new = bnb.nn.Linear4bit(
         module.in_features,
         module.out_features,
         bias=module.bias is not None,
-        compute_dtype=compute_dtype(recipe),
+        compute_dtype=compute_dtype(spec),
         compress_statistics=q.double_quant,
         quant_type=q.type,
         device="meta",
@@ -194,7 +222,7 @@ def to_linear4bit(module: nn.Linear, recipe: Recipe) -> nn.Module:
     return new
 
 
-def quantize_leftover_linears(model: nn.Module, recipe: Recipe) -> list[str]:
+def quantize_leftover_linears(model: nn.Module, spec: Loader | Recipe) -> list[str]:
     """Quantize the linear layers transformers left in 16-bit: nn.Linear subclasses (Falcon) and unfused experts."""
     import bitsandbytes as bnb
 
@@ -211,7 +239,7 @@ def quantize_leftover_linears(model: nn.Module, recipe: Recipe) -> list[str]:
         if type(module) is not nn.Linear and not _behaves_like_linear(module):
             log.warning("left %s (%s) in 16-bit: its forward is not a plain linear map", name, type(module).__name__)
             continue
-        model.set_submodule(name, to_linear4bit(module, recipe))
+        model.set_submodule(name, to_linear4bit(module, spec))
         done.append(name)
     if done:
         log.info("quantized %d linear layers transformers left in 16-bit (e.g. %s)", len(done), done[0])

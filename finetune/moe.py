@@ -5,7 +5,7 @@ parameters (`gate_up_proj[E, ...]`, `down_proj[E, ...]`), not as `nn.Linear` mod
 `nn.Linear` and peft's `all-linear` only targets linear modules, so a 4-bit load leaves the experts (the bulk of
 an MoE model's weights) in 16-bit and untouched by LoRA. `unfuse_experts` swaps each fused experts module for an
 equivalent one holding one `gate_up` and one `down` `nn.Linear` per expert, which bitsandbytes can quantize and
-LoRA can adapt; `refuse_experts` writes merged weights back into the original fused layout so the merged model
+LoRA can adapt; `fuse_experts` (the inverse) writes merged weights back into the original fused layout so the merged model
 loads in plain transformers.
 """
 
@@ -109,7 +109,7 @@ def unfuse_experts(model: nn.Module) -> int:
     return len(names)
 
 
-def refuse_experts(model: nn.Module) -> int:
+def fuse_experts(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if isinstance(m, LinearExperts)]
     for name in names:
         model.set_submodule(name, model.get_submodule(name).to_fused())

@@ -1,4 +1,4 @@
-"""`finetune run`: the five stages in order, each skipped when already done with the same inputs.
+"""`finetune run`: the stages of stages.py in order, each skipped when already done with the same inputs.
 
 A stage's fingerprint hashes the recipe sections it reads and the hashes of the files it reads, the outputs of the
 stages before it included. It is skipped when the manifest has it done with that fingerprint and its outputs are
@@ -20,8 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from .recipe import SECRET_ENV, Recipe, redact, resolve_path
-from .run import STAGES, RunDir, fingerprint, now, portable, read_json, sha256_file, sha256_json, write_json, write_recipe  # noqa: F401
+from . import stages
+from .recipe import SECRET_ENV, Recipe, redact
+from .run import RunDir, fingerprint, now, portable, read_json, sha256_file, sha256_json, swap_prefix, write_json, write_recipe
 
 log = logging.getLogger("finetune")
 
@@ -126,130 +127,24 @@ def write_lock(ctx: Context) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# What each stage reads
-
-
-def _files(run: RunDir, *paths: Path) -> dict[str, str]:
-    out = {}
-    for p in paths:
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else ([p] if p.exists() else [])
-        for q in files:
-            out[str(q.relative_to(run.root)) if q.is_relative_to(run.root) else str(q)] = sha256_file(q)
-    return out
-
-
-def _digest(p: Path) -> str:
-    if p.is_dir():
-        from data_prep.sources.readers import sha256_folder
-
-        return sha256_folder(sorted(q for q in p.rglob("*") if q.is_file()), p)
-    return sha256_file(p) if p.exists() else "missing"
-
-
-def _base_inputs(ctx: Context) -> dict[str, str]:
-    if ctx.smoke:
-        return _files(ctx.run, ctx.run.base)
-    b = ctx.recipe.base_model
-    return {"base_model": f"{b.id}@{b.revision}"}
-
-
-def task_files(tasks) -> list[str]:
-    """Every local file an eval task reads: its data, prompt file, id lists and few-shot split."""
-    out = []
-    for t in tasks:
-        out += [p for p in (t.path, t.prompt_file, t.include_ids, t.exclude_ids) if p]
-        if t.fewshot is not None:
-            out += [p for p in (t.fewshot.path, t.fewshot.include_ids, t.fewshot.exclude_ids) if p]
-    return out
+# The generic runner over stages.STAGES
 
 
 def active_stages(recipe: Recipe) -> tuple[str, ...]:
-    return tuple(s for s in STAGES if s != "cpt" or "cpt" in recipe.stages)
+    return stages.active(recipe)
 
 
 def stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """What a stage's fingerprint is made of: recipe sections, and file digests keyed by path. The recipe's paths are
-    absolute (resolved at load); those under the recipe's folder are spelled `$RECIPE/...` here, so a checkout moved
-    with its data keeps its fingerprints and reruns nothing."""
-    from .run import swap_prefix
-
-    sections, inputs = _stage_inputs(ctx, stage)
+    """What a stage's fingerprint is made of (its declaration's `inputs`). The recipe's paths are absolute (resolved at
+    load); those under the recipe's folder are spelled `$RECIPE/...` here, so a checkout moved with its data keeps its
+    fingerprints and reruns nothing."""
+    sections, inputs = stages.get(stage).inputs(ctx)
     here = str(Path(ctx.recipe_dir).resolve())
 
     def swap(obj: Any) -> Any:
         return swap_prefix(obj, here, "$RECIPE", os.sep)
 
     return swap(sections), {swap(k): v for k, v in inputs.items()}
-
-
-def _stage_inputs(ctx: Context, stage: str) -> tuple[dict[str, Any], dict[str, str]]:
-    r, run = ctx.recipe, ctx.run
-    base = r.base_model.model_dump()
-    if ctx.smoke:
-        base["id"] = "smoke"  # the stand-in's path may move with the run dir; its files are hashed below
-    cpt_on = "cpt" in r.stages
-    if stage == "prepare":
-        # Everything the build reads: sources, id lists, adapter option files, and the eval sets it decontaminates against
-        # (their rows, not how they are scored: a prompt file or few-shot split is the eval stage's business).
-        paths = [p for t in r.eval.tasks for p in (t.path, t.include_ids, t.exclude_ids) if p]
-        sources = list(r.data.sources) + list(r.data.quality.decontaminate.against) + (list(r.cpt.sources) if cpt_on else [])
-        for s in sources:
-            paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
-            paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
-        src = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
-        from .tasks import DECONTAMINATION_FIELDS
-
-        sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump(include=DECONTAMINATION_FIELDS) for t in r.eval.tasks], "base_model": base,
-                    "cpt": r.cpt.model_dump(include={"sources", "block_size", "val_fraction"}) if cpt_on else None, "seed": r.training.seed}
-        return sections, {**src, **_base_inputs(ctx)}
-    if stage == "cpt":
-        # CPT takes its learning rate, length and decay from `cpt:`; changing SFT's does not redo it
-        own = {"learning_rate", "num_train_epochs", "max_steps", "weight_decay"}
-        sections = {"quantization": r.quantization.model_dump(), "lora": r.lora.model_dump(), "cpt": r.cpt.model_dump(),
-                    "training": r.training.model_dump(exclude=own)}
-        return {**sections, "base_model": base}, {**_files(run, run.data / "cpt_train.jsonl", run.data / "cpt_val.jsonl"), **_base_inputs(ctx)}
-    if stage == "train":
-        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
-        start = _files(run, run.root / "cpt") if cpt_on else {}
-        return ({**sections, "base_model": base, "max_length": r.data.max_length, "stages": r.stages},
-                {**_files(run, run.data / "train.jsonl", run.data / "val.jsonl"), **start, **_base_inputs(ctx)})
-    if stage == "eval":
-        tasks = {p: _digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
-        return ({"eval": r.eval.model_dump(), "base_model": base, "quantization": r.quantization.model_dump(),
-                 "template": r.data.template, "system_prompt": r.data.system_prompt},
-                {**_files(run, run.adapter, run.data / "val.jsonl", run.merged, run.merge_check), **tasks})
-    if stage == "merge":
-        return ({"merge": r.merge.model_dump(), "base_model": base, "quantization": r.quantization.model_dump()},
-                {**_files(run, run.adapter, run.data / "val.jsonl"), **_base_inputs(ctx)})
-    if stage == "publish":
-        return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
-                _files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json"))
-    raise ValueError(stage)
-
-
-def stage_outputs(ctx: Context, stage: str) -> list[Path]:
-    run = ctx.run
-    return {
-        "prepare": [run.data],
-        "cpt": [run.root / "cpt"],
-        "train": [run.adapter],
-        "eval": [run.eval],
-        "merge": [run.merged, run.merge_check] if ctx.recipe.merge.enabled else [],
-        "publish": [run.card],
-    }[stage]
-
-
-def _publish_target_present(ctx: Context) -> bool:
-    to = ctx.recipe.publish.to
-    if to and to.startswith("file://"):
-        from .publish import latest_revision
-
-        return latest_revision(Path(to.removeprefix("file://")).expanduser()) is not None
-    return True
-
-
-def checkpoint_dir(run: RunDir, stage: str) -> Path:
-    return run.checkpoints if stage == "train" else run.root / f"checkpoints-{stage}"
 
 
 def _parts(sections: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
@@ -263,9 +158,10 @@ def resume_point(ctx: Context, stage: str, rec: dict[str, Any] | None, fp: str, 
     from . import checkpoints
     from .errors import UserError
 
-    if stage not in ("cpt", "train") or not ctx.resume or stage in ctx.force or rec is None or rec.get("status") == "done":
+    where = stages.get(stage).checkpoints
+    if where is None or not ctx.resume or stage in ctx.force or rec is None or rec.get("status") == "done":
         return None
-    last = checkpoints.latest(checkpoint_dir(ctx.run, stage))
+    last = checkpoints.latest(where(ctx.run))
     if last is None:
         return None
     if rec.get("fingerprint") != fp and not ctx.allow_drift:
@@ -277,55 +173,7 @@ def resume_point(ctx: Context, stage: str, rec: dict[str, Any] | None, fp: str, 
 
 
 def run_stage(ctx: Context, stage: str, resume_from: Path | None = None) -> Any:
-    r, run = ctx.recipe, ctx.run
-    if stage == "prepare":
-        from .models import load_tokenizer
-        from .prepare import prepare
-
-        result = prepare(r, ctx.recipe_dir, run, load_tokenizer(r.base_model.id, r), tokenizer_name=public_base(ctx))
-        write_lock(ctx)
-        return result
-    if stage in ("cpt", "train"):
-        from .train import train
-
-        return train(r, run, "cpt" if stage == "cpt" else "sft", resume_from, ctx.show_example)
-    if stage == "eval":
-        from .evaluate import evaluate
-
-        return evaluate(r, ctx.recipe_dir, run)
-    if stage == "merge":
-        if not r.merge.enabled:
-            return {"skipped": "merge.enabled is false"}
-        from .merge import merge
-
-        return merge(r, run)
-    if stage == "publish":
-        from .publish import publish
-
-        return publish(r, run, public_base(ctx), ctx.smoke, ctx.force_gates)
-    raise ValueError(stage)
-
-
-def public_base(ctx: Context) -> str:
-    """The base model as the world knows it (card, published adapter_config.json, data card): a Hub id, never a path."""
-    import re
-
-    b = ctx.recipe.base_model
-    if ctx.smoke:
-        return f"finetune-smoke/tiny-{b.family}"
-    if b.hub_id:
-        return b.hub_id
-    if ctx.gguf:
-        return ctx.gguf["file"]
-    local = Path(b.id).expanduser()
-    if not local.is_dir():
-        return b.id
-    named = str(read_json(local / "config.json", {}).get("_name_or_path") or "")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists():
-        return named
-    log.warning("base_model.id is the local folder %s: the card and the published adapter name it %r; set base_model.hub_id "
-                "to name its Hub id", local, local.name)
-    return local.name
+    return stages.get(stage).run(ctx, resume_from)
 
 
 def _summary(result: Any) -> Any:
@@ -335,9 +183,6 @@ def _summary(result: Any) -> Any:
     return None
 
 
-TRAINING = ("cpt", "train")  # the stages every rank takes part in; rank 0 alone runs the others
-
-
 def _decide(ctx: Context, stage: str) -> dict[str, Any]:
     """Rank 0's decision for a stage: skip it, or run it (resuming from which checkpoint, with which fingerprint)."""
     run = ctx.run
@@ -345,16 +190,11 @@ def _decide(ctx: Context, stage: str) -> dict[str, Any]:
     fp = fingerprint(stage, sections, inputs)
     rec = run.stage_record(stage)
     done = (rec is not None and rec.get("status") == "done" and rec.get("fingerprint") == fp
-            and run.outputs_intact(rec) and (stage != "publish" or _publish_target_present(ctx)))
+            and run.outputs_intact(rec) and stages.get(stage).still_done(ctx))
     if done and stage not in ctx.force:
         return {"skip": True}
     parts = _parts(sections, inputs)
     return {"skip": False, "fp": fp, "parts": parts, "resume_from": resume_point(ctx, stage, rec, fp, parts)}
-
-
-# The earlier stages whose outputs each stage reads (or ships): what must be current before it runs.
-READS = {"prepare": (), "cpt": ("prepare",), "train": ("prepare", "cpt"), "merge": ("prepare", "train"), "eval": ("prepare", "train", "merge"),
-         "publish": ("prepare", "cpt", "train", "merge", "eval")}
 
 
 def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:
@@ -363,7 +203,7 @@ def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:
     invocation are current by construction and are not hashed again."""
     run = ctx.run
     out = []
-    for up in [s for s in READS[stage] if s in active_stages(ctx.recipe)]:
+    for up in [s for s in stages.get(stage).reads if s in active_stages(ctx.recipe)]:
         if up in decided:
             continue
         rec = run.stage_record(up)
@@ -380,8 +220,8 @@ def stale_upstream(ctx: Context, stage: str, decided: set[str]) -> list[str]:
     return out
 
 
-def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
-    """Run `stages` (a prefix-closed selection of STAGES) with skip/rerun logic; returns stage -> 'ran'|'skipped'.
+def run_stages(ctx: Context, selected: tuple[str, ...] = stages.NAMES, on_event: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    """Run `selected` (a prefix-closed selection of stages.NAMES) with skip/rerun logic; returns stage -> 'ran'|'skipped'.
 
     With several processes (distributed.py) rank 0 decides and shares its decision, runs the non-training stages
     alone and shares how they ended; every rank trains; only rank 0 writes the manifest."""
@@ -393,7 +233,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
     main = distributed.is_main()
     outcome: dict[str, str] = {}
     decided: set[str] = set()
-    for stage in stages:
+    for stage in map(stages.canonical, selected):
         if stage not in active_stages(ctx.recipe):
             continue
         decision, refused = None, None
@@ -422,7 +262,8 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
                              error=None, outputs={}, resumed_from=str(resume_from.relative_to(run.root)) if resume_from else None)
             _set_status(run, "running")
         t0 = time.time()
-        here = main or stage in TRAINING
+        all_ranks = stages.get(stage).all_ranks
+        here = main or all_ranks
         error: BaseException | None = None
         result = None
         try:
@@ -430,7 +271,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
                 result = run_stage(ctx, stage, resume_from)
         except BaseException as e:
             error = e
-        if stage not in TRAINING:  # the ranks that waited learn how rank 0's stage ended
+        if not all_ranks:  # the ranks that waited learn how rank 0's stage ended
             ended = distributed.share(None if error is None else type(error).__name__)
             if error is None and ended is not None:
                 error = Preempted(f"{stage}: stopped on rank 0") if ended == "Preempted" else StageFailed(f"{stage} failed on rank 0 ({ended})")
@@ -446,7 +287,7 @@ def run_stages(ctx: Context, stages: tuple[str, ...] = STAGES, on_event: Callabl
             raise error
         if main:
             run.update_stage(stage, status="done", ended=now(), seconds=round(time.time() - t0, 3),
-                             outputs=run.describe_outputs([p for p in stage_outputs(ctx, stage) if p.exists()]), result=_summary(result))
+                             outputs=run.describe_outputs([p for p in stages.get(stage).outputs(ctx) if p.exists()]), result=_summary(result))
         outcome[stage] = "ran"
         if on_event:
             on_event(stage, "ran")
@@ -470,12 +311,13 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
 
     recipe, recipe_dir = load_recipe(recipe_path, overrides)
     raw = recipe
-    bad = [s for s in force if s not in STAGES]
+    force = [stages.canonical(s) for s in force]
+    bad = [s for s in force if s not in stages.NAMES]
     if bad:
         import difflib
 
-        close = difflib.get_close_matches(bad[0], STAGES, n=1)
-        raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(STAGES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
+        close = difflib.get_close_matches(bad[0], stages.NAMES, n=1)
+        raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(stages.NAMES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
     laptop, data_dir = options.pop("laptop", False), options.pop("data_dir", None)
     if laptop and smoke:
         raise UserError("--smoke and --laptop are two profiles: --smoke checks the wiring with a tiny random model in seconds, "

@@ -107,8 +107,8 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: 
         prov = write_docs(tmp, recipe.name, got, stats)
         if cpt is not None:
             train_blocks, val_blocks, prov["cpt"] = cpt
-            write_jsonl(tmp / "cpt_train.jsonl", [{"input_ids": b} for b in train_blocks])
-            write_jsonl(tmp / "cpt_val.jsonl", [{"input_ids": b} for b in val_blocks])
+            write_jsonl(tmp / run.rows("cpt", "train").name, [{"input_ids": b} for b in train_blocks])
+            write_jsonl(tmp / run.rows("cpt", "val").name, [{"input_ids": b} for b in val_blocks])
             write_json(tmp / "provenance.json", prov)
     sup = {k: sum(sum(1 for x in e["labels"] if x != -100) for e in rows) for k, rows in (("train", train), ("val", val))}
     log.info("prepare: %d train, %d val, %d rejected (%.1f s)", len(train), len(val), len(rejects), got.seconds)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .artifacts import MergeCheck
 from .card import licence_conflicts, write_card
 from .errors import PublishRefused, StageFailed, UserError
 from .recipe import Recipe
@@ -102,7 +103,8 @@ def regressions(report: dict[str, Any], max_regression: float, what: tuple[str, 
         surely_worse = (-float(ci[1]) if higher else float(ci[0])) / scale
         if surely_worse > max_regression:
             worse = (base - tuned) if higher else (tuned - base) / scale
-            out.append(f"{t['name']} ({'merged model' if who == 'merged' else 'adapter'}): {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g}, and by at least "
+            who_name = "merged model" if who == "merged" else "adapter"
+            out.append(f"{t['name']} ({who_name}): {t['metric']} {base:.4g} -> {tuned:.4g} (worse by {worse:.3g}, and by at least "
                        f"{surely_worse:.3g} > {max_regression} at 95% confidence; delta CI [{ci[0]:.3g}, {ci[1]:.3g}], n={t.get('n')})")
     return out
 
@@ -125,8 +127,8 @@ def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
 def check_gates(recipe: Recipe, run: RunDir, force: bool) -> list[str]:
     """Refuse (exit 3) on a failed gate unless forced; a merged model that failed its check is refused always."""
     if "merged" in recipe.publish.what:
-        check = read_json(run.merge_check, None)
-        if check is not None and not check.get("passed"):
+        check = MergeCheck.read_if_present(run.merge_check)
+        if check is not None and not check.passed:
             raise PublishRefused(f"{run.merge_check}: the merged model failed its check against the adapter; it is never published")
     failed = gate_failures(recipe, run)
     if failed and not force:

@@ -56,7 +56,8 @@ class BaseModelSpec(Section):
         "published adapter_config.json, so others can load the adapter (a local path never leaves this machine). Default: the "
         "folder's config.json `_name_or_path` when that is a Hub id, else the folder's name.",
     )
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on for repositories you trust.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model repository. Off by default: only turn it on "
+                                    "for repositories you trust.")
     dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (embeddings, norms, lm_head) and of the 16-bit base.")
 
 
@@ -291,7 +292,8 @@ class CptSpec(Section):
     """Continued pretraining (BioMistral's and SaulLM's first step): raw domain text packed into fixed-length blocks, every
     token supervised, LoRA on the same layers as SFT (optionally embeddings and lm_head too). Runs when `stages` has `cpt`."""
 
-    sources: list[CptSource] = Field(min_length=1, description="Documents (`format: text`: JSONL/Parquet with `text`, or a folder of .txt/.md), domain corpus first.")
+    sources: list[CptSource] = Field(min_length=1, description="Documents (`format: text`: JSONL/Parquet with `text`, or a folder of "
+                                     ".txt/.md), domain corpus first.")
     block_size: int = Field(2048, ge=16, description="Tokens per packed block (BioMistral: 2,048-token packed blocks).")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Share of blocks held out to report CPT validation loss.")
     train_embeddings: bool = Field(

@@ -22,22 +22,10 @@ from typing import Any, Iterator
 import yaml
 
 from data_prep.jsonl import read_jsonl  # noqa: F401  (the one JSONL reader, re-exported for the stages)
-
-# cpt runs only when the recipe's stages have it. eval comes after merge: what is published (the merged model) is
-# what is evaluated, beside the adapter as trained.
-STAGES = ("prepare", "cpt", "train", "merge", "eval", "publish")
-
+from data_prep.sources.readers import sha256_file  # noqa: F401  (the one file hash, re-exported for the stages)
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:
@@ -73,6 +61,8 @@ class RunDir:
         self.manifest_path = self.root / "manifest.json"
         self.data = self.root / "data"
         self.checkpoints = self.root / "checkpoints"
+        self.cpt = self.root / "cpt"  # the continued-pretraining adapter SFT starts from
+        self.cpt_checkpoints = self.root / "checkpoints-cpt"
         self.adapter = self.root / "adapter"
         self.merged = self.root / "merged"
         self.merge_check = self.root / "merge_check.json"
@@ -81,6 +71,18 @@ class RunDir:
         self.logs = self.root / "logs"
         self.metrics = self.logs / "metrics.jsonl"
         self.base = self.root / "base"  # --smoke: the tiny stand-in model and tokenizer
+
+    # ---- the files one stage hands to the next
+
+    def rows(self, stage: str, split: str) -> Path:
+        """The tokenised rows a training stage reads: data/{train,val}.jsonl for sft, data/cpt_{train,val}.jsonl for cpt."""
+        return self.data / f"{'cpt_' if stage == 'cpt' else ''}{split}.jsonl"
+
+    def stage_checkpoints(self, stage: str) -> Path:
+        return self.cpt_checkpoints if stage == "cpt" else self.checkpoints
+
+    def stage_metrics(self, stage: str) -> Path:
+        return self.logs / "metrics-cpt.jsonl" if stage == "cpt" else self.metrics
 
     # ---- ownership: a run directory is absent, empty, or one finetune made (data_prep/outputs.py)
 

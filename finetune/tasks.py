@@ -35,7 +35,7 @@ TaskType = Literal["multiple_choice", "exact_match", "classification", "perplexi
 Extract = Literal["boxed", "hash", "answer_is", "last_number"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-# The primary metric of each type, and the ones it may be switched to.
+# The primary metric of each type, and the ones it may be switched to (all of which the report shows beside it).
 METRICS = {
     "multiple_choice": ("accuracy", ("accuracy", "accuracy_norm")),
     "classification": ("balanced_accuracy", ("balanced_accuracy", "accuracy", "macro_f1")),
@@ -79,7 +79,8 @@ class EvalTask(Location):
         "**Answer:**(` then the letter, BioMistral's prompt), `cloze` (the option text itself is scored).",
     )
     header: str | None = Field(None, description="Text before the examples (default for `biomistral`: its medical-knowledge sentence).")
-    labels: list[str] | None = Field(None, description="classification: the label set; the output is constrained to it and gold labels outside it are an error.")
+    labels: list[str] | None = Field(None, description="classification: the label set; the output is constrained to it and gold labels "
+                                     "outside it are an error.")
     metric: str | None = Field(None, description="Primary metric; default per type: accuracy, balanced_accuracy, exact_match, perplexity.")
     template: Literal["auto", "raw", "alpaca", "chat"] = Field(
         "auto",
@@ -93,7 +94,8 @@ class EvalTask(Location):
     max_new_tokens: int = Field(256, ge=1, description="exact_match: generation budget (GSM8K solutions fit in 256).")
     stop: list[str] | None = Field(None, description="exact_match: stop sequences; default `\\n\\n\\n` and the next-question cue of the layout.")
     extract: list[Extract] = Field(list(METHODS), min_length=1, description="exact_match: answer extraction, first that finds one wins.")
-    gold_extract: list[Extract] | None = Field(None, description="exact_match: how to read the gold field (GSM8K: `[hash]`); default: the gold field is the answer.")
+    gold_extract: list[Extract] | None = Field(None, description="exact_match: how to read the gold field (GSM8K: `[hash]`); default: the "
+                                               "gold field is the answer.")
     max_samples: int | None = Field(
         None, ge=1, description="Score N items (quick runs): a seeded random sample, stratified by gold label for classification "
         "(LegalBench files are sorted by label: their first N rows hold one class). Recorded in the report.",
@@ -223,13 +225,12 @@ def _has(columns: list[str], raw: dict[str, Any], column: str) -> bool:
 
 def _rows(loc: Location, task: EvalTask, base_dir: Path, limit: int | None) -> list[tuple[int, dict[str, Any]]]:
     """The mapped rows of a location, in file order, after id selection."""
-    from data_prep.sources.load import id_set, open_source
+    from data_prep.sources.load import id_selector, open_source
 
     where = f"task {task.name}: {loc.origin}"
     opened = open_source(loc, base_dir)
     mapping = dict(task.fields)
-    include = id_set(base_dir, loc.include_ids, "include_ids") if loc.include_ids else None
-    exclude = id_set(base_dir, loc.exclude_ids, "exclude_ids") if loc.exclude_ids else set()
+    selected = id_selector(loc, base_dir, where)
     out: list[tuple[int, dict[str, Any]]] = []
     checked = False
     for n, raw in opened.rows:
@@ -256,12 +257,8 @@ def _rows(loc: Location, task: EvalTask, base_dir: Path, limit: int | None) -> l
         row = {**raw, **{k: _get(raw, v) for k, v in mapping.items()}}
         if task.choice_columns:
             row["choices"] = [_get(raw, c) for c in task.choice_columns]
-        if include is not None or exclude:
-            rid = row.get("id")
-            if rid is None:
-                raise DataError(f"{where}: include_ids/exclude_ids need an `id` (row {n} has none; map one with fields: {{id: <column>}})")
-            if (include is not None and str(rid) not in include) or str(rid) in exclude:
-                continue
+        if selected is not None and not selected(row, n):
+            continue
         out.append((n, row))
         if limit is not None and len(out) >= limit:
             break
@@ -501,7 +498,8 @@ def task_texts(task: EvalTask, base_dir: Path) -> list[str]:
     out, instruction_rows = [], []
     for _, row in _rows(task, task, base_dir, None):  # every item: whichever ones a run scores, none may be trained on
         if "output" in row or "messages" in row:
-            instruction_rows.append(normalise({k: v for k, v in row.items() if k in ("instruction", "input", "output", "messages")}, "auto"))  # below: a task instruction shared by many rows is left out
+            # below: a task instruction shared by many rows is left out
+            instruction_rows.append(normalise({k: v for k, v in row.items() if k in ("instruction", "input", "output", "messages")}, "auto"))
             continue
         for key in ("question", "text", "context"):
             v = row.get(key)

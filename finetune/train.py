@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints, distributed, preempt, tracking
+from .artifacts import TrainingSummary
 from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
@@ -280,7 +281,7 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if stage == "sft" and "cpt" in recipe.stages:
-        return PeftModel.from_pretrained(model, str(run.root / "cpt"), is_trainable=True)
+        return PeftModel.from_pretrained(model, str(run.cpt), is_trainable=True)
     extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
     lcfg = LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
@@ -323,15 +324,14 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
 
-    prefix = "cpt_" if stage == "cpt" else ""
-    rows = read_rows(run.data / f"{prefix}train.jsonl")
+    rows = read_rows(run.rows(stage, "train"))
     train_ds = token_dataset(rows)
-    val_ds = token_dataset(read_rows(run.data / f"{prefix}val.jsonl"))
+    val_ds = token_dataset(read_rows(run.rows(stage, "val")))
     has_val = len(val_ds) > 0
     report_to = tracking.configure(recipe.tracking.report_to, recipe.tracking.project, run.logs, stage)
     run.logs.mkdir(parents=True, exist_ok=True)
-    metrics = run.metrics if stage == "sft" else run.logs / f"metrics-{stage}.jsonl"
-    ckpts = run.checkpoints if stage == "sft" else run.root / f"checkpoints-{stage}"
+    metrics = run.stage_metrics(stage)
+    ckpts = run.stage_checkpoints(stage)
     work = run.root / f".trainer-{stage}"
     main = distributed.is_main()
     if main:
@@ -410,7 +410,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
             **({"preflight": checks} if checks else {}),
             **({"continued_from": "cpt"} if stage == "sft" and "cpt" in recipe.stages else {}),
         }
-        write_json(tmp / "training_summary.json", summary)
+        TrainingSummary(**summary).write(tmp / "training_summary.json")  # typed: a misspelt field fails here
     shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
     log.info("%s: %d steps in %.1f s, loss %.4f", stage, summary["global_step"], wall, summary["train_loss"])

@@ -13,7 +13,8 @@ length mix (median ~250 tokens, capped at --max-len), the same rows for every co
 - ours: finetune's GPU defaults: padding-free packing (BFD) of the same rows, activation checkpointing, SDPA, fused AdamW.
 
 Measured after --warmup steps: tokens/s over non-pad tokens, MFU by the 4*N_mm + 12*L*s*d rule (forward
-2*N_mm + attention 2*L*s*d, backward of activations only under LoRA; peak from --peak-tflops or the GPU's name), peak memory (CUDA max allocated; peak RSS on CPU). Prints one
+2*N_mm + attention 2*L*s*d, backward of activations only under LoRA; peak from --peak-tflops or the GPU's name), peak
+memory (CUDA max allocated; peak RSS on CPU). Prints one
 markdown table; full logs and per-config JSON under --out.
 """
 

@@ -12,7 +12,8 @@ from .conftest import ROOT
 
 def test_bench_train_runs_both_configs_and_prints_one_table(tmp_path):
     out = subprocess.run([sys.executable, "scripts/bench_train.py", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--rows", "32",
-                          "--max-len", "128", "--context", "--context-start", "64", "--context-cap", "256", "--merge", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--max-len", "128", "--context", "--context-start", "64", "--context-cap", "256", "--merge", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| config | tokens/s (non-pad)") and [r.split("|")[1].strip() for r in table[1:3]] == ["baseline", "ours"]

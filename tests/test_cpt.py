@@ -51,7 +51,7 @@ def test_cpt_then_sft_end_to_end(cpt_run):
     from safetensors.torch import load_file
 
     d, _, outcome = cpt_run
-    assert outcome == {s: "ran" for s in ("prepare", "cpt", "train", "eval", "merge", "publish")}
+    assert outcome == {s: "ran" for s in ("prepare", "cpt", "sft", "eval", "merge", "publish")}
     prov = json.loads((d / "data/provenance.json").read_text())["cpt"]
     blocks = [json.loads(l)["input_ids"] for l in (d / "data/cpt_train.jsonl").read_text().splitlines()]
     assert len(blocks) == prov["blocks"]["train"] > 0 and {len(b) for b in blocks} == {prov["block_size"]}
@@ -105,9 +105,9 @@ def test_each_stage_reruns_on_its_own(cpt_run, tmp_path):
     shutil.copytree(d, tmp_path / "r")
     assert go()["cpt"] == "skipped"
     out = go("training.learning_rate=1e-3")  # SFT's settings: CPT's result stands
-    assert (out["prepare"], out["cpt"], out["train"]) == ("skipped", "skipped", "ran")
+    assert (out["prepare"], out["cpt"], out["sft"]) == ("skipped", "skipped", "ran")
     out = go("training.learning_rate=1e-3", "cpt.learning_rate=1e-3")
-    assert (out["prepare"], out["cpt"], out["train"]) == ("skipped", "ran", "ran")
+    assert (out["prepare"], out["cpt"], out["sft"]) == ("skipped", "ran", "ran")
 
 
 @pytest.mark.slow

@@ -266,7 +266,8 @@ def test_planted_test_questions_are_removed(tmp_path):
     got = collect(s, tmp_path)
     assert [(r["row"], r["filter"]) for r in got.rejects] == [(11, "contaminated")]
     assert got.quality["decontamination"]["by_eval_set"] == {"test.jsonl": 1}
-    flag = collect(s.model_copy(update={"quality": s.quality.model_copy(update={"decontaminate": s.quality.decontaminate.model_copy(update={"action": "flag"})})}), tmp_path)
+    decontaminate = s.quality.decontaminate.model_copy(update={"action": "flag"})
+    flag = collect(s.model_copy(update={"quality": s.quality.model_copy(update={"decontaminate": decontaminate})}), tmp_path)
     assert len(flag.rows) == 11 and len(flag.quality["decontamination"]["flagged_rows"]) == 1
     # 12 shared words are not enough at n = 13; n = 8 catches a shorter overlap
     short = [{"instruction": "county market on a rainy Tuesday morning bought cows", "input": "", "output": "ok then"}]
@@ -362,7 +363,8 @@ def test_gsm8k_build_counts(shared_datasets, tmp_path):
 def test_pubmedqa_build_counts(shared_datasets, tmp_path):
     p = shared_datasets / "pubmedqa"
     s = spec(name="pubmedqa", sources=[{"path": str(p / "ori_pqal.json"), "adapter": "pubmedqa", "exclude_ids": str(p / "test_ground_truth.json")}],
-             quality={"decontaminate": {"against": [{"path": str(p / "ori_pqal.json"), "adapter": "pubmedqa", "include_ids": str(p / "test_ground_truth.json")}]}})
+             quality={"decontaminate": {"against": [{"path": str(p / "ori_pqal.json"), "adapter": "pubmedqa",
+                                                    "include_ids": str(p / "test_ground_truth.json")}]}})
     got = collect(s, tmp_path)
     src = got.sources[0]
     assert (src["rows_read"], src["not_selected"], src["rows_kept"]) == (1000, 500, 500)
@@ -401,7 +403,8 @@ def test_data_cli_build_validate_stats(shared_datasets, tmp_path):
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["valid"] == 95 and sum(st["labels"].values()) == 95 and set(st["labels"]) == {"Yes", "No"}
-    out = subprocess.run(cmd + ["validate", str(lb / "test.tsv"), "--adapter", "legalbench", "--option", "instruction=x"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(cmd + ["validate", str(lb / "test.tsv"), "--adapter", "legalbench", "--option", "instruction=x"],
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "95 rows read, 95 valid, 0 invalid" in out.stdout
     out = subprocess.run(cmd + ["validate", str(lb / "test.tsv"), "--adapter", "mmlu"], capture_output=True, text=True, cwd=ROOT)
     # MMLU's adapter reads header-less CSVs with its own 6 columns: every hearsay row is rejected, none lost

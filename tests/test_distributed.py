@@ -87,7 +87,7 @@ def test_sigterm_to_one_rank_ends_in_one_complete_resumable_checkpoint(tmp_path)
     assert out.returncode == 143, out.stderr[-3000:]
     assert "SIGTERM received" in out.stderr
     m = json.loads((run / "manifest.json").read_text())
-    assert m["status"] == "preempted" and m["stages"]["train"]["status"] == "preempted"
+    assert m["status"] == "preempted" and m["stages"]["sft"]["status"] == "preempted"
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step-000004"] and checkpoints.is_complete(run / "checkpoints/step-000004")
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (run / "checkpoints/step-000004").iterdir()}

@@ -233,7 +233,8 @@ def test_combination_publish_validates_options_and_needs_weights(tmp_path):
     combo = tmp_path / "combo"
     combo.mkdir()
     (combo / "merge_check.json").write_text(json.dumps({"kind": "adapter_combination"}))
-    for args, msg in ((["--what", "adaptr", "--to", f"file://{tmp_path / 'hub'}"], "--what 'adaptr': choose adapter, merged, or adapter,merged; did you mean 'adapter'?"),
+    for args, msg in (("--what adaptr --to".split() + [f"file://{tmp_path / 'hub'}"],
+                       "--what 'adaptr': choose adapter, merged, or adapter,merged; did you mean 'adapter'?"),
                       (["--to", "s3://bucket/x"], "--to 's3://bucket/x': must look like hf://ORG/NAME")):
         r = cli("publish", combo, *args)
         assert r.returncode == 2 and msg in r.stderr and "HF_TOKEN" not in r.stderr, r.stderr
@@ -284,8 +285,8 @@ def test_changing_how_a_task_is_scored_reruns_eval_only(legal_run, tmp_path):
             "--set", "eval.tasks.0.num_fewshot=1")
     assert r.returncode == 0, r.stderr[-2000:]
     said = {line.split()[0]: line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] and line.split()[0] in
-            ("prepare", "train", "eval", "merge", "publish") and len(line.split()) == 2}
-    assert said == {"prepare": "skipped", "train": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}, r.stderr[-2000:]
+            ("prepare", "sft", "eval", "merge", "publish") and len(line.split()) == 2}
+    assert said == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}, r.stderr[-2000:]
     # and a change to what decontamination reads (the task's rows) does rebuild the data
     r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.limit=2")
     assert r.returncode == 0 and "prepare  ran" in r.stderr, r.stderr[-2000:]
@@ -484,12 +485,13 @@ def test_help_output_is_plain_and_each_line_said_once(legal_run, tmp_path):
     from finetune.cli import app
 
     runner = CliRunner()
-    commands = [["run"], ["prepare"], ["train"], ["cpt"], ["merge"], ["eval"], ["generate"], ["chat"], ["publish"], ["validate"],
+    commands = [["run"], ["prepare"], ["train"], ["sft"], ["cpt"], ["merge"], ["eval"], ["generate"], ["chat"], ["publish"], ["validate"],
                 ["data", "build"], ["data", "validate"], ["data", "stats"], ["data", "synth", "self-instruct"], ["data", "synth", "grounded"]]
     for cmd in commands:
         out = runner.invoke(app, [*cmd, "--help"], terminal_width=100)
         assert out.exit_code == 0, (cmd, out.output)
-        assert "<bool>" not in out.output and "<list" not in out.output and "<path>" not in out.output and "{" not in out.output.splitlines()[0], (cmd, out.output)
+        first = out.output.splitlines()[0]
+        assert "<bool>" not in out.output and "<list" not in out.output and "<path>" not in out.output and "{" not in first, (cmd, out.output)
     cpt = runner.invoke(app, ["cpt", "--help"], terminal_width=100).output
     assert "[cpt, sft]" in cpt and "cpt [OPTIONS] RECIPE" in cpt
     prep = runner.invoke(app, ["prepare", "--help"], terminal_width=100).output
@@ -679,7 +681,8 @@ def test_card_load_instructions_licence_datasets_and_base_name(legal_run, tmp_pa
 
 
 def test_a_local_base_folder_is_published_under_its_hub_id(tmp_path):
-    from finetune.pipeline import Context, public_base
+    from finetune.pipeline import Context
+    from finetune.stages import public_base
     from finetune.recipe import load_recipe
     from finetune.run import RunDir
 

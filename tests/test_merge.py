@@ -20,8 +20,8 @@ def merge_run(legal, tmp_path, *sets):
     shutil.copytree(legal, d, ignore=shutil.ignore_patterns("hub"))
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["merge.dtype=float32", *sets], True, str(d), [])
     start(ctx, resolved)
-    out = run_stages(ctx, ("prepare", "train", "eval", "merge"))
-    assert out == {"prepare": "skipped", "train": "skipped", "eval": "skipped", "merge": "ran"}
+    out = run_stages(ctx, ("prepare", "sft", "eval", "merge"))
+    assert out == {"prepare": "skipped", "sft": "skipped", "eval": "skipped", "merge": "ran"}
     return d
 
 
@@ -66,7 +66,7 @@ def test_merged_weights_are_the_chosen_base_plus_the_adapter(smoke_runs, tmp_pat
     first = (d / "merged/model.safetensors").read_bytes()
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["merge.dtype=float32", f"merge.base={policy}"], True, str(d), ["merge"])
     start(ctx, resolved)
-    assert run_stages(ctx, ("prepare", "train", "eval", "merge"))["merge"] == "ran"
+    assert run_stages(ctx, ("prepare", "sft", "eval", "merge"))["merge"] == "ran"
     assert (d / "merged/model.safetensors").read_bytes() == first
 
 
@@ -91,7 +91,7 @@ def adapters(smoke_runs, tmp_path_factory):
         shutil.copytree(legal, d, ignore=shutil.ignore_patterns("hub", "merged", "checkpoints"))
         ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["training.max_steps=6", "lora.r=8", "lora.lora_alpha=16", *sets], True, str(d), [])
         start(ctx, resolved)
-        run_stages(ctx, ("prepare", "train"))
+        run_stages(ctx, ("prepare", "sft"))
         out[name] = d / "adapter"
     out["base"] = str((legal / "base").resolve())
     return out
@@ -195,3 +195,64 @@ def test_combination_folds_evaluates_and_publishes_from_the_command_line(adapter
     assert str(tmp_path) not in card and "/tmp/" not in card
     assert (rev / "adapter_model.safetensors").read_bytes() == (out / "adapter/adapter_model.safetensors").read_bytes()
     assert (rev / "merged/model.safetensors").is_file() and (rev / "eval_report.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def moe_adapters(tmp_path_factory):
+    """Two adapters of a Mixtral stand-in (fused experts in transformers 5): trained on the unfused per-expert linears."""
+    out = {}
+    for name, sets in (("a", ["training.seed=1"]), ("b", ["training.seed=2", "training.learning_rate=5e-3"])):
+        d = tmp_path_factory.mktemp(f"moe-{name}") / "run"
+        ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["base_model.family=mixtral", "training.max_steps=6", "lora.r=8",
+                                                                  "lora.lora_alpha=16", "quantization.bits=16", *sets], True, str(d), [])
+        start(ctx, resolved)
+        run_stages(ctx, ("prepare", "sft"))
+        out[name] = d / "adapter"
+        out["base"] = str((d / "base").resolve())  # the same seeded stand-in in both runs
+    return out
+
+
+def test_moe_adapters_combine_and_fold_into_a_plain_transformers_model(moe_adapters, tmp_path):
+    """`finetune merge --adapters` on two Mixtral adapters: their expert LoRAs exist only on the unfused per-expert
+    linears, so the base must be loaded the way training loaded it. The folded model, reloaded by plain transformers
+    (fused experts), must equal an independent fold: each adapter's w_i * (alpha/r) * B @ A added by hand to the
+    unfused base's weights, experts included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.combine import PROBES, combine
+    from finetune.merge import logits, max_diff
+    from finetune.models import Loader, load_model
+
+    a, b, base = moe_adapters["a"], moe_adapters["b"], moe_adapters["base"]
+    wa = load_file(a / "adapter_model.safetensors")
+    assert any(".experts." in k for k in wa), sorted(wa)[:5]  # the adapters really reach the experts
+    w = [0.6, 0.4]
+    combine(base, [a, b], "cat", w, 0.5, tmp_path / "out", fold=True)
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(list(PROBES), return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+
+    def by_hand(experts: bool):
+        model = load_model(base, Loader.plain(base, "base"), quantized=False, dtype=torch.float32)
+        with torch.no_grad():
+            for wi, adapter in zip(w, (a, b)):
+                t = load_file(adapter / "adapter_model.safetensors")
+                cfg = json.loads((adapter / "adapter_config.json").read_text())
+                for key in [k for k in t if k.endswith("lora_A.weight")]:
+                    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                    if ".experts." in module and not experts:
+                        continue
+                    delta = wi * cfg["lora_alpha"] / cfg["r"] * t[key.replace("lora_A", "lora_B")].float() @ t[key].float()
+                    model.get_submodule(module).weight += delta
+        return logits(model, ids, mask)
+
+    want, without_experts = by_hand(True), by_hand(False)
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "out/merged", dtype=torch.float32)
+    assert type(folded.model.layers[0].mlp.experts).__name__ != "LinearExperts"  # plain transformers' fused layout
+    got = logits(folded, ids, mask)
+    gap = max_diff(got, want, mask)
+    assert max_diff(want, without_experts, mask) > 100 * max(gap, 1e-6)  # the experts' part matters: the check can fail
+    assert gap < 1e-4

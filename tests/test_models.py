@@ -9,7 +9,7 @@ from torch import nn
 from finetune import models
 from finetune.errors import QuantizationError
 from finetune.families import tiny_config
-from finetune.moe import LinearExperts, refuse_experts, unfuse_experts
+from finetune.moe import LinearExperts, fuse_experts, unfuse_experts
 from finetune.recipe import load_recipe
 from finetune.smoke import build_tokenizer
 
@@ -95,7 +95,7 @@ def test_unfused_experts_compute_exactly_what_fused_ones_do(family, tok, tmp_pat
         a, b = fused(ids).logits, unfused(ids).logits
     assert (a - fused(ids[:, :1]).logits[:, :1]).abs().max() > 0  # the comparison can fail: outputs vary
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-    refuse_experts(unfused)
+    fuse_experts(unfused)
     sd_a, sd_b = fused.state_dict(), unfused.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 

@@ -11,7 +11,8 @@ import torch
 from data_prep.errors import DataError
 from finetune.errors import UserError
 from finetune.pipeline import make_context, run_stages, start
-from finetune.run import STAGES, RunDir
+from finetune.run import RunDir
+from finetune.stages import NAMES as STAGES
 
 from .conftest import RECIPES
 
@@ -45,16 +46,16 @@ def test_changed_training_reruns_train_and_later_only(legal_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(legal_run, d)
     out = go(d, "training.learning_rate=1e-3")
-    assert out == {"prepare": "skipped", "train": "ran", "eval": "ran", "merge": "ran", "publish": "ran"}
+    assert out == {"prepare": "skipped", "sft": "ran", "eval": "ran", "merge": "ran", "publish": "ran"}
 
 
 def test_force_and_damaged_outputs_rerun(legal_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(legal_run, d)
     # merge does not read eval's outputs: it stays (a forced eval used to re-merge the model for nothing)
-    assert go(d, force=["eval"]) == {"prepare": "skipped", "train": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}
+    assert go(d, force=["eval"]) == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}
     (d / "adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
-    assert go(d)["train"] == "ran"
+    assert go(d)["sft"] == "ran"
     shutil.rmtree(d / "hub")  # the published copy went missing: publish again
     assert go(d)["publish"] == "ran"
 
@@ -124,8 +125,8 @@ def test_qlora_step_and_verified_merge_for_every_family(family, tmp_path):
     from finetune.merge import probe_batch
     from finetune.models import load_model
 
-    out = go(tmp_path, f"base_model.family={family}", "merge.dtype=float32", "training.max_steps=6", stages=("prepare", "train", "merge"))
-    assert out == {"prepare": "ran", "train": "ran", "merge": "ran"}
+    out = go(tmp_path, f"base_model.family={family}", "merge.dtype=float32", "training.max_steps=6", stages=("prepare", "sft", "merge"))
+    assert out == {"prepare": "ran", "sft": "ran", "merge": "ran"}
     summary = json.loads((tmp_path / "adapter/training_summary.json").read_text())
     assert summary["quantization"]["share_of_block_matmul_weights"] == 1.0
     metrics = [m for m in map(json.loads, (tmp_path / "logs/metrics.jsonl").read_text().splitlines()) if "loss" in m]

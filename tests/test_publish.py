@@ -136,7 +136,8 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
         publish(r, run, "m", smoke=True)
     assert publish(recipe_of(run, "publish.gate.max_regression=0.06"), run, "m", smoke=True)["files"]  # within the allowance
     # Perplexity: lower is better, compared relatively.
-    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(base={"score": 10.0, "ci95": [9, 11]}, tuned={"score": 10.5, "ci95": [9, 12]}, delta_ci95=[0.45, 0.55]))
+    edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(base={"score": 10.0, "ci95": [9, 11]},
+                                                                        tuned={"score": 10.5, "ci95": [9, 12]}, delta_ci95=[0.45, 0.55]))
     with pytest.raises(PublishRefused, match=r"heldout \(adapter\): perplexity 10 -> 10.5 \(worse by 0.05"):
         publish(recipe_of(run, "publish.gate.max_regression=0.06", "publish.gate.max_regression=0.04"), run, "m", smoke=True)
     edit_json(run.eval / "report.json", lambda rep: rep["tasks"][0].update(tuned={"score": 9.0, "ci95": [8, 10]}, delta_ci95=[-1.2, -0.8]))
@@ -166,7 +167,8 @@ def test_gates_refuse_with_exit_3_unless_forced(legal, tmp_path):
     with pytest.raises(PublishRefused, match="never published"):
         publish(recipe_of(run, f"publish.to=file://{tmp_path / 'pub'}"), run, "m", smoke=True, force=True)
     out = runner.invoke(app, ["publish", str(run.root), "--to", f"file://{tmp_path / 'pub'}", "--force"])
-    assert out.exit_code == 2 and "out of date: merge (its outputs were modified or removed); eval (changed since it ran: file merge_check.json" in out.output, out.output
+    stale = "out of date: merge (its outputs were modified or removed); eval (changed since it ran: file merge_check.json"
+    assert out.exit_code == 2 and stale in out.output, out.output
     assert latest_revision(tmp_path / "pub").name == "0001"
 
 
@@ -189,7 +191,8 @@ def test_card_fields(legal, tmp_path):
     assert [res["task"]["name"] for res in index["results"]] == [t["name"] for t in report["tasks"]]
     body = card.split("---\n", 2)[2]
     assert "> Some training data is licensed for non-commercial use only: so is this model." in body
-    for heading in ("## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "## Training", "## Data provenance", "## Merge check",
+    for heading in ("## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "## Training",
+                    "## Data provenance", "## Merge check",
                     "## Intended use", "## How to load"):
         assert heading in body, heading
     assert "does not give legal advice" in body

@@ -22,7 +22,7 @@ from .conftest import RECIPES
 BASE = ["training.save_steps=1", "training.save_total_limit=20", "training.max_steps=6"]
 
 
-def go(run_dir, *sets, stages=("prepare", "train")):
+def go(run_dir, *sets, stages=("prepare", "sft")):
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), list(sets), True, str(run_dir), [])
     start(ctx, resolved)
     return run_stages(ctx, stages)
@@ -141,7 +141,7 @@ def test_nan_stops_training_naming_the_step_and_no_nonfinite_checkpoint(prepared
     assert [p.name for p in checkpoints.complete(d / "checkpoints")] == ["step-000001", "step-000002"]
     for p in checkpoints.complete(d / "checkpoints"):
         assert all(torch.isfinite(t).all() for t in load_file(p / "adapter_model.safetensors").values())
-    assert json.loads((d / "manifest.json").read_text())["stages"]["train"]["status"] == "failed"
+    assert json.loads((d / "manifest.json").read_text())["stages"]["sft"]["status"] == "failed"
     assert not (d / "adapter").exists()
 
 

@@ -84,7 +84,7 @@ def test_signal_then_resume_equals_an_uninterrupted_run(prepared, reference, tmp
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert f"stopped by SIG{sig} after step {at}" in stopped.stderr
     m = manifest(d)
-    assert m["status"] == "preempted" and m["stages"]["train"]["status"] == "preempted"
+    assert m["status"] == "preempted" and m["stages"]["sft"]["status"] == "preempted"
     assert checkpoints.latest(d / "checkpoints").name == f"step-{at:06d}"  # the step it was in, finished and saved
     assert not (d / "adapter").exists()
     at_stop = d / f"checkpoints/step-{at:06d}/adapter_model.safetensors"
@@ -127,7 +127,7 @@ def stopped_after_12(reference, tmp_path):
     d = tmp_path / "run"
     shutil.copytree(reference, d)
     m = manifest(d)
-    m["stages"]["train"]["status"] = "preempted"
+    m["stages"]["sft"]["status"] = "preempted"
     (d / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(d / "checkpoints/step-000014")
     return d
@@ -139,17 +139,17 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(reference, tmp_p
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), [])
     start(ctx, resolved)
     with pytest.raises(UserError, match=r"train: .*step-000012 was written by a run with other inputs \(changed: recipe training\).*--allow-drift"):
-        run_stages(ctx, ("prepare", "train"))
+        run_stages(ctx, ("prepare", "sft"))
     assert (d / "checkpoints/step-000012/COMPLETE").exists()  # nothing lost
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), [], allow_drift=True)
     start(ctx, resolved)
-    assert run_stages(ctx, ("prepare", "train")) == {"prepare": "skipped", "train": "ran"}
+    assert run_stages(ctx, ("prepare", "sft")) == {"prepare": "skipped", "sft": "ran"}
     summary = json.loads((d / "adapter/training_summary.json").read_text())
     assert summary["resumed_from_step"] == 12 and summary["global_step"] == STEPS
     # --force train starts over instead.
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), ["train"])
     start(ctx, resolved)
-    run_stages(ctx, ("prepare", "train"))
+    run_stages(ctx, ("prepare", "sft"))
     assert json.loads((d / "adapter/training_summary.json").read_text())["resumed_from_step"] is None
 
 
@@ -170,7 +170,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused(reference, tmp_path):
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), SETS, True, str(d), [])
     start(ctx, resolved)
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
-        run_stages(ctx, ("prepare", "train"))
+        run_stages(ctx, ("prepare", "sft"))
     assert not sentinel.exists()
 
 
@@ -213,4 +213,4 @@ def test_signal_outside_the_training_loop_stops_at_once_and_the_rerun_completes(
     outcome = run_stages(ctx)
     assert outcome[stage] == "ran" and manifest(d)["status"] == "done"
     if stage == "eval":
-        assert outcome["train"] == "skipped"
+        assert outcome["sft"] == "skipped"

@@ -10,11 +10,11 @@ import pytest
 
 from finetune.card import front_matter
 from finetune.recipe import load_recipe
-from finetune.run import STAGES
-
-SFT_STAGES = tuple(s for s in STAGES if s != "cpt")  # the shipped recipes' stages are [sft]
+from finetune.stages import NAMES as STAGES
 
 from .conftest import RECIPES, ROOT
+
+SFT_STAGES = tuple(s for s in STAGES if s != "cpt")  # the shipped recipes' stages are [sft]
 
 
 @pytest.mark.slow

@@ -33,7 +33,8 @@ PATTERNS: list[tuple[str, re.Pattern, int]] = [
     ("phone", re.compile(r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,4}){2,4}\b"), 0),
     ("phone", re.compile(r"(?<![\w-])(?:\(\d{3}\) ?|\d{3}[.-])\d{3}[.-]\d{4}\b"), 0),
     ("record_id", re.compile(r"(?i)\b(?:MRN|medical record(?: number| no\.?)?|record (?:number|no\.?|#)|patient (?:id|number|no\.?|#)"
-                             r"|case (?:number|no\.?|#)|docket (?:number|no\.?|#)|file (?:number|no\.?|#))\s*[:#]?\s*((?=[A-Z/.:-]*\d)[A-Z0-9][A-Z0-9:/.-]{2,}[A-Z0-9])\b"), 1),
+                             r"|case (?:number|no\.?|#)|docket (?:number|no\.?|#)|file (?:number|no\.?|#))\s*[:#]?\s*"
+                             r"((?=[A-Z/.:-]*\d)[A-Z0-9][A-Z0-9:/.-]{2,}[A-Z0-9])\b"), 1),
     ("date_of_birth", re.compile(rf"(?i)\b(?:DOB|D\.O\.B\.|date of birth|birth ?date|born(?: on)?)\s*[:-]?\s*({_DATE})"), 1),
     ("name", re.compile(rf"\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|Judge|Justice)\.? ({_NAME})"), 1),
     ("name", re.compile(rf"\b(?:Patient|Name|Client|Plaintiff|Defendant|Claimant|Witness)\s*:\s*({_NAME})"), 1),

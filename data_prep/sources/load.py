@@ -86,6 +86,23 @@ def shown_path(path: str, base_dir: Path) -> str:
     return os.path.relpath(p, base_dir) if p.is_absolute() else path
 
 
+def id_selector(loc, base_dir: Path, where: str):
+    """`include_ids` / `exclude_ids` of a location as one predicate on a mapped row (None when the location selects
+    nothing): the one rule for training sources and eval tasks alike."""
+    if not loc.include_ids and not loc.exclude_ids:
+        return None
+    include = id_set(base_dir, loc.include_ids, "include_ids") if loc.include_ids else None
+    exclude = id_set(base_dir, loc.exclude_ids, "exclude_ids") if loc.exclude_ids else set()
+
+    def selected(row: dict[str, Any], n: int) -> bool:
+        rid = row.get("id")
+        if rid is None:
+            raise DataError(f"{where}: include_ids/exclude_ids need an `id` in every row (row {n} has none; map one with fields: {{id: <column>}})")
+        return (include is None or str(rid) in include) and str(rid) not in exclude
+
+    return selected
+
+
 def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
     where = src.origin
     opened = open_source(src, base_dir)
@@ -93,8 +110,7 @@ def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
                        **({"adapter": src.adapter, "options": src.options} if src.adapter else {})})
     if opened.columns is not None:
         _check_mapping(src, opened.columns, where)
-    include = id_set(base_dir, src.include_ids, "include_ids") if src.include_ids else None
-    exclude = id_set(base_dir, src.exclude_ids, "exclude_ids") if src.exclude_ids else set()
+    selected = id_selector(src, base_dir, where)
     convert = adapter_fn(src, base_dir)
     seen_ids: dict[str, int] = {}
     checked = False
@@ -123,13 +139,9 @@ def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
                 _check_mapping(src, list(row), where)
             for ours, theirs in src.fields.items():
                 row[ours] = raw.get(theirs)
-        if include is not None or exclude:
-            rid = row.get("id")
-            if rid is None:
-                raise DataError(f"{where}: include_ids/exclude_ids need an `id` in every row (row {n} has none; map one with fields: {{id: <column>}})")
-            if (include is not None and str(rid) not in include) or str(rid) in exclude:
-                out.not_selected += 1
-                continue
+        if selected is not None and not selected(row, n):
+            out.not_selected += 1
+            continue
         try:
             if convert is not None:
                 adapted = convert(row)
