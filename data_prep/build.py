@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,17 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import DataError, RowError
-from .outputs import check_output, mark, replace_dir, staging_dir
 from .formats import content_hash, content_texts, hashed_id, row_texts
+from .outputs import check_output, mark, replace_dir, staging_dir
 from .quality import decontam, dedupe, pii
+from .rejects import FILTERS, reject_row
 from .sources.load import load_source
 from .spec import BuildSpec, DataSpec, Source
 from .split import split_by_hash
 
 log = logging.getLogger("finetune")
-
-FILTERS = ("invalid", "overlong", "exact_duplicate", "near_duplicate", "contaminated", "pii")
-
 
 class RejectRateExceeded(DataError):
     """Too many invalid rows in a source; carries the rejects so they can be written before the build stops."""
@@ -58,115 +57,134 @@ def _top_reasons(rejects: list[dict[str, Any]], k: int = 3) -> str:
     return "; ".join(f"{reason} ×{n}" for reason, n in reasons.most_common(k))
 
 
+class _Ledger:
+    """The rows kept so far, the rejects, and each source's counts: what every cleaning step updates."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.rejects: list[dict[str, Any]] = []
+        self.sources: list[dict[str, Any]] = []
+
+    def drop(self, pairs: list[tuple[dict[str, Any], str]], kind: str) -> None:
+        for r, reason in pairs:
+            self.rejects.append(reject_row(r, kind, reason))
+            self.sources[r["_origin"]]["removed"][kind] += 1
+
+
+def _read_source(book: _Ledger, src: Source, spec: DataSpec, base_dir: Path, token_len, progress: bool) -> None:
+    """One source read and validated (and, with `token_len`, held to max_length), its counts recorded."""
+    q = spec.quality
+    loaded = load_source(src, base_dir, progress)
+    removed = Counter({k: 0 for k in FILTERS})
+    removed["invalid"] = len(loaded.rejects)
+    kept = loaded.rows
+    if token_len is not None and spec.overlong != "truncate":
+        fits = []
+        for r in kept:
+            try:
+                n = token_len(r)
+            except RowError as e:  # the template cannot render it
+                loaded.rejects.append(reject_row(r, "invalid", str(e)))
+                removed["invalid"] += 1
+                continue
+            if n <= spec.max_length:
+                fits.append(r)
+                continue
+            if spec.overlong == "error":
+                raise DataError(f"{r['_source']} row {r['_row']}: {n} tokens > max_length {spec.max_length} (overlong: error)")
+            loaded.rejects.append(reject_row(r, "overlong", f"{n} tokens > max_length {spec.max_length}"))
+            removed["overlong"] += 1
+        kept = fits
+    book.rejects.extend(loaded.rejects)
+    bad = removed["invalid"] + removed["overlong"]
+    if loaded.read and bad / loaded.read > q.max_reject_rate:
+        raise RejectRateExceeded(
+            f"{src.origin}: {bad} of {loaded.read} rows rejected ({bad / loaded.read:.0%} > quality.max_reject_rate "
+            f"{q.max_reject_rate:.0%}): {_top_reasons(loaded.rejects)}. Check the source's fields/adapter.", book.rejects)
+    for r in kept:
+        r["_origin"] = len(book.sources)
+    book.rows.extend(kept)
+    book.sources.append({**loaded.info, "rows_read": loaded.read, "not_selected": loaded.not_selected, "removed": removed})
+
+
+def _dedupe(book: _Ledger, q, progress: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"dedupe": q.dedupe}
+    if q.dedupe in ("exact", "near"):
+        book.rows, gone = dedupe.exact(book.rows)
+        book.drop(gone, "exact_duplicate")
+    if q.dedupe == "near":
+        book.rows, gone = dedupe.near(book.rows, q.near.threshold, q.near.num_perm, q.near.ngram, progress)
+        book.drop(gone, "near_duplicate")
+        out["near"] = q.near.model_dump()
+    return out
+
+
+def _decontaminate(book: _Ledger, dc, eval_sets, base_dir: Path) -> dict[str, Any]:
+    index = decontam.EvalIndex(dc.ngram, dc.min_words)
+    names = []
+    for name, texts in eval_sets:
+        index.add(name, texts)
+        names.append(name)
+    for src in dc.against:
+        index.add(src.origin, eval_texts(src, base_dir))
+        names.append(src.origin)
+    rows_clean, hits = decontam.decontaminate(book.rows, index)
+    by_set = Counter(reason.split("eval set ")[-1].strip("'") for _, reason in hits)
+    if dc.action == "remove":
+        book.rows = rows_clean
+        book.drop(hits, "contaminated")
+    return {"ngram": dc.ngram, "action": dc.action, "eval_sets": names, "eval_items": index.items, "overlapping_rows": len(hits),
+            "by_eval_set": dict(by_set), "flagged_rows": [hashed_id(r) for r, _ in hits] if dc.action == "flag" else []}
+
+
+def _scan_pii(book: _Ledger, p) -> dict[str, Any]:
+    kinds = set(p.kinds)
+    counts: Counter = Counter()
+    affected: list[str] = []
+    out = []
+    for s in book.sources:
+        s["pii_rows"] = 0
+    for r in book.rows:
+        red, found = pii.scan_row(r, kinds)
+        if not found:
+            out.append(r)
+            continue
+        counts.update(found.counts)
+        affected.append(hashed_id(r))
+        book.sources[r["_origin"]]["pii_rows"] += 1
+        if p.action == "drop":
+            book.drop([(r, "personal data: " + ", ".join(sorted(found.counts)))], "pii")
+        else:
+            out.append(red if p.action == "redact" else r)
+    book.rows = out
+    # Counts and hashed row ids only: never the text that was found.
+    return {"action": p.action, "kinds": sorted(kinds), "findings": dict(counts), "rows": len(affected),
+            "row_ids_sha256": affected, "names": "by title or label only (no offline NER model)"}
+
+
 def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[str]]] = (),
             token_len: Callable[[dict[str, Any]], int] | None = None, progress: bool = False) -> Collected:
     """Read, validate and clean every source. `eval_sets`: (name, texts) to decontaminate against, on top of
     `quality.decontaminate.against`. `token_len`: a row's length in the recipe's tokens, to apply `max_length`."""
     t0 = time.perf_counter()
     q = spec.quality
-    rows: list[dict[str, Any]] = []
-    rejects: list[dict[str, Any]] = []
-    sources: list[dict[str, Any]] = []
+    book = _Ledger()
     for src in spec.sources:
-        loaded = load_source(src, base_dir, progress)
-        removed = Counter({k: 0 for k in FILTERS})
-        removed["invalid"] = len(loaded.rejects)
-        kept = loaded.rows
-        if token_len is not None and spec.overlong != "truncate":
-            fits = []
-            for r in kept:
-                try:
-                    n = token_len(r)
-                except RowError as e:  # the template cannot render it
-                    loaded.rejects.append({"source": r["_source"], "row": r["_row"], "filter": "invalid", "reason": str(e)})
-                    removed["invalid"] += 1
-                    continue
-                if n <= spec.max_length:
-                    fits.append(r)
-                    continue
-                if spec.overlong == "error":
-                    raise DataError(f"{r['_source']} row {r['_row']}: {n} tokens > max_length {spec.max_length} (overlong: error)")
-                loaded.rejects.append({"source": r["_source"], "row": r["_row"], "filter": "overlong",
-                                       "reason": f"{n} tokens > max_length {spec.max_length}"})
-                removed["overlong"] += 1
-            kept = fits
-        rejects.extend(loaded.rejects)
-        bad = removed["invalid"] + removed["overlong"]
-        if loaded.read and bad / loaded.read > q.max_reject_rate:
-            raise RejectRateExceeded(
-                f"{src.origin}: {bad} of {loaded.read} rows rejected ({bad / loaded.read:.0%} > quality.max_reject_rate "
-                f"{q.max_reject_rate:.0%}): {_top_reasons(loaded.rejects)}. Check the source's fields/adapter.", rejects)
-        for r in kept:
-            r["_origin"] = len(sources)
-        rows.extend(kept)
-        sources.append({**loaded.info, "rows_read": loaded.read, "not_selected": loaded.not_selected, "removed": removed})
-
-    def drop(pairs: list[tuple[dict[str, Any], str]], kind: str) -> None:
-        for r, reason in pairs:
-            rejects.append({"source": r["_source"], "row": r["_row"], "filter": kind, "reason": reason})
-            sources[r["_origin"]]["removed"][kind] += 1
-
-    quality: dict[str, Any] = {"dedupe": q.dedupe}
-    if q.dedupe in ("exact", "near"):
-        rows, gone = dedupe.exact(rows)
-        drop(gone, "exact_duplicate")
-    if q.dedupe == "near":
-        rows, gone = dedupe.near(rows, q.near.threshold, q.near.num_perm, q.near.ngram, progress)
-        drop(gone, "near_duplicate")
-        quality["near"] = q.near.model_dump()
-
-    dc = q.decontaminate
-    if dc.enabled:
-        index = decontam.EvalIndex(dc.ngram, dc.min_words)
-        names = []
-        for name, texts in eval_sets:
-            index.add(name, texts)
-            names.append(name)
-        for src in dc.against:
-            index.add(src.origin, eval_texts(src, base_dir))
-            names.append(src.origin)
-        rows_clean, hits = decontam.decontaminate(rows, index)
-        by_set = Counter(reason.split("eval set ")[-1].strip("'") for _, reason in hits)
-        quality["decontamination"] = {"ngram": dc.ngram, "action": dc.action, "eval_sets": names, "eval_items": index.items,
-                                      "overlapping_rows": len(hits), "by_eval_set": dict(by_set),
-                                      "flagged_rows": [hashed_id(r) for r, _ in hits] if dc.action == "flag" else []}
-        if dc.action == "remove":
-            rows = rows_clean
-            drop(hits, "contaminated")
-
-    quality["pii"] = {"action": "off"}  # recorded, so "not scanned" is visible rather than absent
-    if q.pii.action != "off":
-        kinds = set(q.pii.kinds)
-        counts: Counter = Counter()
-        affected: list[str] = []
-        out = []
-        for s in sources:
-            s["pii_rows"] = 0
-        for r in rows:
-            red, found = pii.scan_row(r, kinds)
-            if not found:
-                out.append(r)
-                continue
-            counts.update(found.counts)
-            affected.append(hashed_id(r))
-            sources[r["_origin"]]["pii_rows"] += 1
-            if q.pii.action == "drop":
-                drop([(r, "personal data: " + ", ".join(sorted(found.counts)))], "pii")
-            else:
-                out.append(red if q.pii.action == "redact" else r)
-        rows = out
-        # Counts and hashed row ids only: never the text that was found.
-        quality["pii"] = {"action": q.pii.action, "kinds": sorted(kinds), "findings": dict(counts), "rows": len(affected),
-                          "row_ids_sha256": affected, "names": "by title or label only (no offline NER model)"}
-    for r in rows:
+        _read_source(book, src, spec, base_dir, token_len, progress)
+    quality = _dedupe(book, q, progress)
+    if q.decontaminate.enabled:
+        quality["decontamination"] = _decontaminate(book, q.decontaminate, eval_sets, base_dir)
+    # recorded when off too, so "not scanned" is visible rather than absent
+    quality["pii"] = _scan_pii(book, q.pii) if q.pii.action != "off" else {"action": "off"}
+    for r in book.rows:
         r["_hash"] = content_hash(r)
         r.setdefault("id", r["_hash"][:16])
-    kept_by_source = Counter(r["_origin"] for r in rows)
-    for i, s in enumerate(sources):
+    kept_by_source = Counter(r["_origin"] for r in book.rows)
+    for i, s in enumerate(book.sources):
         s["rows_kept"] = kept_by_source.get(i, 0)
         s["removed"] = dict(s["removed"])
-    rejects.sort(key=lambda r: (r["source"], r["row"]))
-    return Collected(rows, rejects, sources, quality, time.perf_counter() - t0)
+    book.rejects.sort(key=lambda r: (r["source"], r["row"]))
+    return Collected(book.rows, book.rejects, book.sources, quality, time.perf_counter() - t0)
 
 
 def public(row: dict[str, Any]) -> dict[str, Any]:
@@ -230,8 +248,6 @@ def build(spec: BuildSpec, base_dir: Path, out: Path, *, token_len: Callable[[di
                  "tokenizer": tokenizer_name, "max_length": spec.max_length if token_len else None}
         write_docs(tmp, spec.name, got, stats)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)

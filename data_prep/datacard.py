@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .licences import is_non_commercial
+from .provenance import check
 
 
 def lengths(values: list[int]) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def datacard(name: str, prov: dict[str, Any]) -> str:
 
 
 def write_docs(out: Path, name: str, collected, stats: dict[str, Any]) -> dict[str, Any]:
-    prov = provenance(name, collected, stats)
+    prov = check(provenance(name, collected, stats))
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "datacard.md").write_text(datacard(name, prov), encoding="utf-8")
     histogram(out / "lengths.png", stats, f"{name}: example lengths")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections import Counter
 from typing import Any
 
 from .errors import RowError
@@ -90,8 +91,6 @@ def content_texts(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's distinctive text. An instruction shared by several rows is the task's template (LegalBench's task
     description, a classification prompt), not the row's content: left in, it would make every row of a task look
     like a near duplicate of the others, or like a copy of any eval item of the same task."""
-    from collections import Counter
-
     shared = Counter(r["instruction"] for r in rows if "instruction" in r)
     out = []
     for r in rows:

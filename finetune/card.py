@@ -6,6 +6,7 @@ from the run's own records (provenance.json, eval/report.json, merge_check.json,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from data_prep import licences
 from data_prep.licences import is_non_commercial
+from data_prep.provenance import read as read_provenance
 
 from .artifacts import MergeCheck, TrainingSummary
 from .harness import report_markdown
@@ -103,7 +105,7 @@ def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
-    prov = read_json(run.data / "provenance.json", {"sources": []})
+    prov = read_provenance(run.data / "provenance.json")
     report = read_json(run.eval / "report.json", {"tasks": []})
     check = MergeCheck.read_if_present(run.merge_check)
     summary = TrainingSummary.read(run.adapter / "training_summary.json")
@@ -217,8 +219,6 @@ def front_matter(card_text: str) -> dict[str, Any]:
 def shown_base(base: str) -> str:
     """A base named in a card or a published adapter_config.json: a Hub id as is, a local folder by its config's
     `_name_or_path` when that is a Hub id, else by its name (no local paths leave the machine)."""
-    import re
-
     p = Path(base)
     if not (p.is_absolute() or p.exists()):
         return base

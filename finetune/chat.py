@@ -7,6 +7,7 @@ token by token.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 from typing import Callable, TextIO
@@ -78,7 +79,7 @@ def stream(model, tok, prompt: str, max_new_tokens: int, temperature: float, wri
                 pieces.append(text)
                 write(text)
 
-    ids = HFLM(model, tok)._ids(prompt, bos=True)
+    ids = HFLM(model, tok).encode(prompt, bos=True)
     x = torch.tensor([ids], device=next(model.parameters()).device)
     sample = temperature > 0
     with torch.no_grad():
@@ -165,8 +166,6 @@ def chat(run_dir: Path, max_new_tokens: int, temperature: float, inp: TextIO = s
             elif cmd in ("/help", "/?"):
                 out.write(HELP + "\n")
             else:
-                import difflib
-
                 close = difflib.get_close_matches(cmd, ["/help", "/reset", "/exit", "/quit"], n=1)
                 out.write(f"(unknown command {cmd}" + (f"; did you mean {close[0]}?" if close else "") + " /help lists them)\n")
             continue

@@ -5,12 +5,18 @@ Exit codes (README.md, docs/architecture.md): 0 success; 1 runtime failure; 2 ba
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import errno
+import functools
+import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,6 +28,7 @@ from data_prep.errors import FinetuneError
 from .errors import UserError
 from .preempt import Preempted
 from .stages import NAMES as STAGE_NAMES
+
 
 def _plain_types() -> None:
     """typer 0.29 prints each option's Python type in help (`--set <list[str]>`, `--smoke <bool>`) and, with rich markup
@@ -111,8 +118,6 @@ def guard(fn):
     """Map failures to exit codes with one line each. Ours (UserError, DataError, ...) carry their code; an OSError
     names its path and what to do; anything else is a bug: one line here, the traceback in RUN/logs/run.log (and on
     the terminal with `finetune --debug ...`)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
@@ -153,7 +158,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*kernels.*")
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' rename notices, not the user's business
@@ -211,7 +215,6 @@ def _run(command: str, opts: RunOptions) -> None:
     nodes = opts.nodes or ctx.recipe.distributed.nodes
     if not opts.node_rank < nodes:
         raise UserError(f"--node-rank {opts.node_rank}: node ranks run from 0 to --nodes - 1 ({nodes - 1}); this one would wait forever")
-    import contextlib
 
     from .runlock import exclusive
 
@@ -256,8 +259,6 @@ def _relaunch(ctx, argv: list[str], gpus: int, nodes: int, node_rank: int, main_
     if strategy != "ddp" and not torch.cuda.is_available():
         raise UserError(f"distributed.strategy {strategy!r} needs CUDA GPUs; on CPU use ddp (gloo)")
     if strategy == "deepspeed":
-        import importlib.util
-
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("distributed.strategy deepspeed: DeepSpeed is not installed (pip install deepspeed, built for your CUDA)")
     try:
@@ -294,17 +295,23 @@ def run(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, d
                            gpus, nodes, node_rank, main_address))
 
 
-def _stage_command(name: str, doc: str) -> None:
-    """`finetune NAME RECIPE`: the stages up to NAME, with `run`'s options."""
-    def command(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None, set_: SetOpt = None,
-                run_dir: RunDirOpt = None, force: ForceOpt = None,
-                resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
-                nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
+def _stage_command(name: str, doc: str, trains: bool) -> None:
+    """`finetune NAME RECIPE`: the stages up to NAME. A command that reaches a training stage takes `run`'s options;
+    one that does not (prepare) only those that apply to it."""
+    def training_command(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None,
+                         set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None,
+                         resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
+                         nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
         _run(name, RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or [], resume, allow_drift, show_example,
                               gpus, nodes, node_rank, main_address))
 
-    command.__doc__ = doc
-    app.command(name=name)(guard(command))
+    def command(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, data_dir: DataDirOpt = None,
+                set_: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None) -> None:
+        _run(name, RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or []))
+
+    chosen = training_command if trains else command
+    chosen.__doc__ = doc
+    app.command(name=name)(guard(chosen))
 
 
 def _stage_commands() -> None:
@@ -313,9 +320,10 @@ def _stage_commands() -> None:
 
     for s in stages.STAGES:
         if s.command:
-            _stage_command(s.name, s.help)
+            trains = any(stages.get(u).all_ranks for u in stages.upto(s.name))
+            _stage_command(s.name, s.help, trains)
             for alias in s.aliases:
-                _stage_command(alias, f"Same as `finetune {s.name}` (its earlier name). " + s.help)
+                _stage_command(alias, f"Same as `finetune {s.name}` (its earlier name). " + s.help, trains)
 
 
 _stage_commands()
@@ -410,7 +418,8 @@ def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A 
              prompt: Annotated[str, typer.Option("--prompt", help="The user's message; rendered with the recipe's template.")],
              max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
     """Answer one prompt with the tuned model, streaming the output."""
-    from .chat import check_run, generate as run_generate
+    from .chat import check_run
+    from .chat import generate as run_generate
 
     _check_use(use)
     check_run(run_dir)  # before torch and transformers load (seconds)
@@ -423,7 +432,8 @@ def generate(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A 
 def chat(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
          max_new_tokens: MaxNewOpt = 256, temperature: TempOpt = 0.0, use: UseOpt = "auto") -> None:
     """Talk to the tuned model in the recipe's own template (/help, /reset, /exit; Ctrl-C stops an answer)."""
-    from .chat import chat as run_chat, check_run
+    from .chat import chat as run_chat
+    from .chat import check_run
 
     _check_use(use)
     check_run(run_dir)
@@ -466,8 +476,6 @@ def publish(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A f
 
 def _publish_options(to: str | None, what: str | None) -> list[str] | None:
     """--to and --what checked as the recipe's publish section checks them, with the option named (not the recipe)."""
-    import difflib
-
     from .recipe import PublishSpec
 
     if to is not None:
@@ -496,6 +504,8 @@ def _absolute_target(to: str, base: Path) -> str:
 
 
 def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] | None = None) -> None:
+    """Run `stage` on a run directory (its earlier stages must be done), with the card before publish and after eval:
+    a published card always matches what is published, and a re-evaluation shows in the card."""
     from .pipeline import Context, run_stages, setup_logging
     from .run import RunDir
 
@@ -513,14 +523,16 @@ def _existing_run(run_dir: Path, stage: str, force: bool, overrides: list[str] |
     setup_logging(run)
     from .pipeline import active_stages
 
-    missing = [s for s in active_stages(recipe)[: active_stages(recipe).index(stage)] if (run.stage_record(s) or {}).get("status") != "done"]
+    selected = {"eval": ("eval", "card"), "publish": ("card", "publish")}.get(stage, (stage,))
+    active = active_stages(recipe)
+    missing = [s for s in active[: active.index(selected[0])] if (run.stage_record(s) or {}).get("status") != "done"]
     if missing:
         raise UserError(f"{run_dir}: stage {missing[0]} is not done; run `finetune run RECIPE` first")
     from .preempt import handling
     from .runlock import exclusive
 
     with exclusive(run.root), handling():
-        run_stages(ctx, (stage,))
+        run_stages(ctx, selected)
     typer.echo(str(run.root))
 
 
@@ -532,8 +544,6 @@ def validate(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = Fal
                                                      "EOS supervised, prompt masked, response marker, truncation, prompt parity).")] = False,
              show_example: ShowOpt = False) -> None:
     """Check a recipe against the schema (and, with --smoke, that it can run as a smoke test)."""
-    import tempfile
-
     from .pipeline import make_context
 
     with tempfile.TemporaryDirectory(prefix="finetune-preflight-") as scratch:

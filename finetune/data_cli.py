@@ -97,9 +97,8 @@ def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE",
     base_dir = spec.resolve().parent
     eval_sets: list[tuple[str, list[str]]] = []
     if "base_model" in data:  # a recipe: its data section, decontaminated against its eval tasks like the prepare stage
-        from .recipe import parse_recipe
-
         from .prepare import decontamination_sets
+        from .recipe import parse_recipe
 
         recipe = parse_recipe(data, str(spec))
         eval_sets = decontamination_sets(recipe, base_dir)
@@ -139,15 +138,16 @@ def validate(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data f
     count = _token_counter(tokenizer)
     if count:
         from data_prep.errors import RowError
+        from data_prep.rejects import reject_row
 
         for r in loaded.rows:
             try:
                 n = count(r)
             except RowError as e:
-                bad.append({"source": r["_source"], "row": r["_row"], "filter": "invalid", "reason": str(e)})
+                bad.append(reject_row(r, "invalid", str(e)))
                 continue
             if n > max_length:
-                bad.append({"source": r["_source"], "row": r["_row"], "filter": "overlong", "reason": f"{n} tokens > {max_length}"})
+                bad.append(reject_row(r, "overlong", f"{n} tokens > {max_length}"))
     bad.sort(key=lambda r: r["row"])
     if rejects:
         write_jsonl(rejects, bad)
@@ -231,7 +231,8 @@ def self_instruct(seeds: Annotated[Path, typer.Option("--seeds", help="Seed task
                   max_requests: Annotated[Optional[int], typer.Option("--max-requests", help="Stop after this many requests in all.")] = None,
                   api: ApiOpt = "chat", api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: RetriesOpt = 4, progress: ProgressOpt = True) -> None:
     """Alpaca's self-instruct: new tasks from seed tasks, keyword filters and ROUGE-L < 0.7 novelty."""
-    from data_prep.synth.selfinstruct import load_seeds, self_instruct as run
+    from data_prep.synth.selfinstruct import load_seeds
+    from data_prep.synth.selfinstruct import self_instruct as run
 
     prompt = prompt or seeds.parent / "prompt.txt"
     try:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -109,7 +110,8 @@ def merged_to_score(run: RunDir) -> Path | None:
 def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None) -> None:
     """Add the merged model's column to each task's entry: its scores and its paired delta against the base."""
     from . import metrics
-    from .harness import _fmt as fmt, model_scores, note_degenerate
+    from .harness import _fmt as fmt
+    from .harness import model_scores, note_degenerate
     from .lm import HFLM
 
     model.eval()
@@ -127,8 +129,6 @@ def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, ba
 
 
 def _free_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()

@@ -18,9 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .run import sha256_file
-
 from .errors import UserError
+from .run import sha256_file
 
 log = logging.getLogger("finetune")
 

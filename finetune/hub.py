@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -79,7 +80,6 @@ def go_offline() -> None:
     """HF_HUB_OFFLINE for this process, also where the libraries already read it at import."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import sys
 
     if "huggingface_hub" in sys.modules:
         import huggingface_hub.constants as c

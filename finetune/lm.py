@@ -8,6 +8,7 @@ one BOS in front when the tokenizer adds one, so the boundary the model is score
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Protocol
 
 from .templates import token_ids
@@ -23,8 +24,6 @@ LOG_EVERY_S = 30.0  # off a terminal, one progress line per this many seconds: a
 
 
 def _progress(it: Iterable, total: int, desc: str, show: bool):
-    import sys
-
     if not show:
         return it
     if sys.stderr.isatty():
@@ -68,7 +67,8 @@ class HFLM:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _ids(self, text: str, bos: bool) -> list[int]:
+    def encode(self, text: str, bos: bool) -> list[int]:
+        """The token ids of `text` as scoring sees them (one BOS when `bos` and the model uses one)."""
         return token_ids(self.tok, text, bos)
 
     def _forward_logprobs(self, seqs: list[list[int]], keep: list[int]):
@@ -128,7 +128,7 @@ class HFLM:
         single = [idx[0] for idx in groups.values() if len(idx) == 1]
         pairs = []
         for i in single:
-            c = self._ids(requests[i][0], bos=True)
+            c = self.encode(requests[i][0], bos=True)
             k = self.tok(requests[i][1], add_special_tokens=False)["input_ids"]
             pairs.append((c + k, [False] * len(c) + [True] * len(k)))
         for i, (s, _) in zip(single, self._scored(pairs, f"{self.desc} loglik")):
@@ -143,7 +143,7 @@ class HFLM:
     def _shared_context(self, ctx: str, conts: list[str]) -> list[float]:
         import torch
 
-        c = self._ids(ctx, bos=True)
+        c = self.encode(ctx, bos=True)
         ks = [self.tok(k, add_special_tokens=False)["input_ids"] for k in conts]
         out = []
         for start in range(0, len(ks), self.batch_size):
@@ -176,7 +176,7 @@ class HFLM:
             ids: list[int] = []
             mask: list[bool] = []
             for n, (text, scored) in enumerate(segs):
-                piece = self._ids(text, bos=(n == 0))
+                piece = self.encode(text, bos=(n == 0))
                 ids += piece
                 mask += [scored] * len(piece)
             if segs and segs[-1][1] and self.tok.eos_token_id is not None and ids[-1:] != [self.tok.eos_token_id] and len(segs) > 1:
@@ -199,7 +199,7 @@ class HFLM:
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         eos = stop_ids(self.tok)
         for batch in _progress(batches, len(batches), f"{self.desc} generate", self.progress):
-            seqs = [self._ids(prompts[i], bos=True) for i in batch]
+            seqs = [self.encode(prompts[i], bos=True) for i in batch]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
             attn = torch.zeros((len(seqs), width), dtype=torch.long)

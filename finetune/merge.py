@@ -16,6 +16,8 @@ never ships it.
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
 from .artifacts import MergeCheck
@@ -41,8 +43,6 @@ ADAPTER_SHARE = 0.01
 
 def derived_atol(logits_absmax: float, hidden: int, layers: int, dtype=None) -> float:
     """The largest |merged - adapter| logit gap float rounding explains (see ROUNDING_SAFETY); float32 by default."""
-    import math
-
     import torch
 
     eps = torch.finfo(dtype or torch.float32).eps
@@ -139,8 +139,6 @@ def dequantized_base(recipe: Recipe):
 def base_fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What the merged weights were built on: the sha256 of a local base's weight files, or the Hub commit resolved
     from the local cache."""
-    from pathlib import Path
-
     from .run import sha256_file
 
     b = recipe.base_model

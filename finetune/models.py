@@ -20,6 +20,7 @@ such shapes; we refuse to train on one on CPU instead of training against silent
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,6 @@ def loader(spec: Loader | Recipe) -> Loader:
 def placement(spec: Loader | Recipe) -> dict[str, Any] | None:
     """Where the weights load: this rank's own GPU under DDP (not all on cuda:0), nowhere in particular under FSDP or
     DeepSpeed (they place the shards), the CPU without CUDA."""
-    import os
-
     if not torch.cuda.is_available():
         return {"": "cpu"}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and loader(spec).strategy != "ddp":

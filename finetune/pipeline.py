@@ -9,6 +9,7 @@ rerun regardless.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import platform
@@ -314,8 +315,6 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
     force = [stages.canonical(s) for s in force]
     bad = [s for s in force if s not in stages.NAMES]
     if bad:
-        import difflib
-
         close = difflib.get_close_matches(bad[0], stages.NAMES, n=1)
         raise UserError(f"--force {bad[0]!r}: not a stage ({', '.join(stages.NAMES)})" + (f"; did you mean '{close[0]}'?" if close else ""))
     laptop, data_dir = options.pop("laptop", False), options.pop("data_dir", None)
@@ -348,9 +347,8 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         gguf_info["dtype"] = gguf.dtype_for(recipe.base_model)
         b = recipe.base_model.model_copy(update={"id": str(gguf.converted_dir(gguf_info["sha256"], gguf_info["dtype"])), "gguf_file": None})
         recipe = recipe.model_copy(update={"base_model": b})
-    from .recipe import missing_files
-
     from .hub import check_hub
+    from .recipe import missing_files
 
     required = options.pop("hub_required", True)
     if not smoke:  # --smoke is offline by design

@@ -229,7 +229,7 @@ def preflight_recipe(recipe, recipe_dir, run, show: bool) -> dict[str, Any]:
 
     from .models import load_tokenizer
     from .prepare import prepare
-    from .train import read_rows, token_dataset
+    from .rows import read_rows, token_dataset
 
     n = recipe.training.preflight_samples or 64
     d = recipe.data.model_copy(update={"sources": [s.model_copy(update={"limit": s.limit or 4 * n}) for s in recipe.data.sources],

@@ -14,6 +14,7 @@ from typing import Any
 from data_prep.build import RejectRateExceeded, collect, public, write_jsonl
 from data_prep.datacard import lengths, write_docs
 from data_prep.errors import DataError, RowError
+from data_prep.rejects import reject_row
 from data_prep.split import split_by_hash
 
 from .errors import UserError
@@ -32,13 +33,12 @@ def encode_rows(rows: list[dict], enc, recipe: Recipe, rejects: list[dict], eos:
         try:
             e = enc(r)
         except RowError as err:
-            rejects.append({"source": r["_source"], "row": r["_row"], "filter": "invalid", "reason": str(err)})
+            rejects.append(reject_row(r, "invalid", str(err)))
             continue
         if len(e.input_ids) > d.max_length:
             cut = truncate(e, d.max_length, eos)
             if cut is None:
-                rejects.append({"source": r["_source"], "row": r["_row"], "filter": "overlong",
-                                "reason": f"prompt alone is over max_length {d.max_length} tokens, nothing to truncate"})
+                rejects.append(reject_row(r, "overlong", f"prompt alone is over max_length {d.max_length} tokens, nothing to truncate"))
                 counts["overlong_dropped"] += 1
                 continue
             e = cut

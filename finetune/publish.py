@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_prep.provenance import read as read_provenance
+
 from . import distributed
 from .artifacts import MergeCheck
-from .card import licence_conflicts, write_card
+from .card import licence_conflicts
 from .errors import PublishRefused, StageFailed, UserError
 from .recipe import Recipe
 from .run import RunDir, read_json, sha256_file
@@ -114,7 +116,7 @@ def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
     out = []
     if g.max_regression is not None:
         out += [f"regression on {r}" for r in regressions(read_json(run.eval / "report.json", {}), g.max_regression, recipe.publish.what)]
-    prov = read_json(run.data / "provenance.json", {"sources": []})
+    prov = read_provenance(run.data / "provenance.json")
     if g.licence_conflicts:
         out += [f"licence: {c}" for c in licence_conflicts(recipe, prov["sources"])]
     pii = prov.get("quality", {}).get("pii") or {}
@@ -144,10 +146,11 @@ def check_gates(recipe: Recipe, run: RunDir, force: bool) -> list[str]:
 
 def publish(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool, force: bool = False) -> dict[str, Any]:
     overridden = check_gates(recipe, run, force)
-    write_card(recipe, run, base_model_name, smoke)
+    if not (run.card / "README.md").is_file():
+        raise StageFailed(f"{run.card / 'README.md'}: missing; the card stage writes it (`finetune card RECIPE`)")
     target = recipe.publish.to
     if target is None:
-        log.info("publish: no publish.to; card written to %s", run.card / "README.md")
+        log.info("publish: no publish.to; the card is %s", run.card / "README.md")
         return {"target": None}
     if distributed.rank() != 0:  # defence in depth: the pipeline runs publish on rank 0 only (alignment-handbook#198)
         return {"target": target, "skipped": f"rank {distributed.rank()}"}

@@ -9,6 +9,7 @@ Importing this module must not import torch.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -455,7 +456,6 @@ def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
         p = resolve_path(recipe_dir, value)
         if p.exists():
             return
-        import difflib
 
         near = difflib.get_close_matches(p.name, [q.name for q in p.parent.iterdir()] if p.parent.is_dir() else [], n=1)
         shown = p.relative_to(recipe_dir.resolve()) if p.is_relative_to(recipe_dir.resolve()) else p  # as the recipe spells it

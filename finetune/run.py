@@ -24,6 +24,7 @@ import yaml
 from data_prep.jsonl import read_jsonl  # noqa: F401  (the one JSONL reader, re-exported for the stages)
 from data_prep.sources.readers import sha256_file  # noqa: F401  (the one file hash, re-exported for the stages)
 
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -11,6 +11,8 @@ Importing this module must not import torch: the CLI reads it to build its comma
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -92,9 +94,6 @@ def cpt_on(recipe: Recipe) -> bool:
 
 def public_base(ctx: Context) -> str:
     """The base model as the world knows it (card, published adapter_config.json, data card): a Hub id, never a path."""
-    import logging
-    import re
-
     b = ctx.recipe.base_model
     if ctx.smoke:
         return f"finetune-smoke/tiny-{b.family}"
@@ -199,7 +198,7 @@ def _eval_inputs(ctx: Context) -> Inputs:
     tasks = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
     return ({"eval": r.eval.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump(),
              "template": r.data.template, "system_prompt": r.data.system_prompt},
-            {**files(run, run.adapter, run.data / "val.jsonl", run.merged, run.merge_check), **tasks})
+            {**files(run, run.adapter, run.data / "val.jsonl", run.merged, run.merge_check), **tasks, **base_inputs(ctx)})
 
 
 def _eval_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -208,10 +207,24 @@ def _eval_run(ctx: Context, resume_from: Path | None) -> Any:
     return evaluate(ctx.recipe, ctx.recipe_dir, ctx.run)
 
 
+def _card_inputs(ctx: Context) -> Inputs:
+    # The card shows most of the recipe (training settings, template, licence, publish target) and the run's records.
+    run = ctx.run
+    return ({"recipe": ctx.recipe.model_dump(mode="json"), "base_name": public_base(ctx), "smoke": ctx.smoke},
+            files(run, run.data / "provenance.json", run.eval / "report.json", run.merge_check, run.adapter / "training_summary.json",
+                  run.lock))
+
+
+def _card_run(ctx: Context, resume_from: Path | None) -> Any:
+    from .card import write_card
+
+    return {"card": str(write_card(ctx.recipe, ctx.run, public_base(ctx), ctx.smoke).relative_to(ctx.run.root))}
+
+
 def _publish_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
-            files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json"))
+            files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json", run.card, run.lock))
 
 
 def _publish_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -249,8 +262,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval", "Evaluate base and tuned (adapter and merged) side by side on the recipe's tasks.",
           reads=("prepare", "sft", "merge"), inputs=_eval_inputs, outputs=lambda ctx: [ctx.run.eval], run=_eval_run,
           command=False),
-    Stage("publish", "Write the model card and publish behind the gates.",
-          reads=("prepare", "cpt", "sft", "merge", "eval"), inputs=_publish_inputs, outputs=lambda ctx: [ctx.run.card],
+    Stage("card", "Write the model card (card/README.md) from the run's records: eval table, data provenance, merge check, "
+          "licence. Read it before you publish.", reads=("prepare", "cpt", "sft", "merge", "eval"), inputs=_card_inputs,
+          outputs=lambda ctx: [ctx.run.card], run=_card_run),
+    Stage("publish", "Publish the adapter (and merged model) with its card behind the gates.",
+          reads=("prepare", "cpt", "sft", "merge", "eval", "card"), inputs=_publish_inputs, outputs=lambda ctx: [],
           run=_publish_run, still_done=_publish_target_present, command=False),
 )
 

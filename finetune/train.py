@@ -12,14 +12,18 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 from . import checkpoints, distributed, preempt, tracking
 from .artifacts import TrainingSummary
 from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
 from .recipe import Recipe
+from .rows import read_rows, token_dataset
 from .run import RunDir, read_jsonl, write_json
 
 log = logging.getLogger("finetune")
@@ -29,110 +33,136 @@ class NonFinite(StageFailed):
     """Training produced a NaN/inf loss or gradient norm more often than `training.nonfinite_patience` allows."""
 
 
-def trainer_callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: dict[str, Any]):
-    import torch
-    from transformers import TrainerCallback
+@dataclass
+class GuardState:
+    """What the trainer's guards share during one training: the trainer records a non-finite micro-batch loss and
+    batches without a supervised token; the Guard callback reads the loss flag before each optimizer step."""
 
-    patience = recipe.training.nonfinite_patience
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    masked_batches: int = 0  # micro-batches with no supervised token
+    streak: int = 0  # non-finite steps in a row (training stops past `nonfinite_patience`)
+    finite_loss: bool = True  # every micro-batch loss since the last optimizer step was finite
 
-    class Metrics(TrainerCallback):
-        """Append every logged metric line to RUN/logs/metrics.jsonl, with the guards' counters."""
+    def take_finite_loss(self) -> bool:
+        """The flag for the step about to be taken, reset for the next one."""
+        ok, self.finite_loss = self.finite_loss, True
+        return ok
 
-        def __init__(self):
-            self.t0 = time.time()
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
-                return
-            line = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - self.t0, 3), **logs}
-            if guard["skipped_steps"] or guard["masked_batches"]:
-                line.update(skipped_steps=guard["skipped_steps"], masked_batches=guard["masked_batches"])
-            with open(metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+class MetricsFile(TrainerCallback):
+    """Append every logged metric line to RUN/logs/metrics.jsonl, with the guards' counters."""
 
-    class Steps(TrainerCallback):
-        """Step, loss, tokens/s and ETA: redrawn on a terminal, a log line every logging_steps otherwise (progress.py)."""
+    def __init__(self, path: Path, guard: GuardState):
+        self.path, self.guard, self.t0 = path, guard, time.time()
 
-        def on_train_begin(self, args, state, control, **kw):
-            from .progress import Progress
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - self.t0, 3), **logs}
+        if self.guard.skipped_steps or self.guard.masked_batches:
+            line.update(skipped_steps=self.guard.skipped_steps, masked_batches=self.guard.masked_batches)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
-            # off a terminal: a line at logging steps, at most ~100 in a run (a 7B run's log stays readable)
-            every = args.logging_steps * max(1, -(-(state.max_steps // 100) // args.logging_steps))
-            self.bar = Progress("train", state.max_steps, "step", every=every, start=state.global_step)
-            self.shown: dict[str, str] = {}
-            self.tokens0: tuple[float, float] | None = None
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            self.shown["loss"] = f"{logs['loss']:.4f}"
-            if "num_tokens" in logs:
-                now = (time.time(), float(logs["num_tokens"]))
-                if self.tokens0 is None:
-                    self.tokens0 = now
-                elif now[0] > self.tokens0[0]:
-                    self.shown["tokens/s"] = f"{(now[1] - self.tokens0[1]) / (now[0] - self.tokens0[0]):,.0f}"
+class StepProgress(TrainerCallback):
+    """Step, loss, tokens/s and ETA: redrawn on a terminal, a log line every logging_steps otherwise (progress.py)."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        from .progress import Progress
+
+        # off a terminal: a line at logging steps, at most ~100 in a run (a 7B run's log stays readable)
+        every = args.logging_steps * max(1, -(-(state.max_steps // 100) // args.logging_steps))
+        self.bar = Progress("train", state.max_steps, "step", every=every, start=state.global_step)
+        self.shown: dict[str, str] = {}
+        self.tokens0: tuple[float, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        self.shown["loss"] = f"{logs['loss']:.4f}"
+        if "num_tokens" in logs:
+            now = (time.time(), float(logs["num_tokens"]))
+            if self.tokens0 is None:
+                self.tokens0 = now
+            elif now[0] > self.tokens0[0]:
+                self.shown["tokens/s"] = f"{(now[1] - self.tokens0[1]) / (now[0] - self.tokens0[0]):,.0f}"
+        self.bar.update(state.global_step, **self.shown)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.is_world_process_zero and self.bar.tty:
             self.bar.update(state.global_step, **self.shown)
 
-        def on_step_end(self, args, state, control, **kw):
-            if state.is_world_process_zero and self.bar.tty:
-                self.bar.update(state.global_step, **self.shown)
+    def on_train_end(self, args, state, control, **kw):
+        self.bar.close()
 
-        def on_train_end(self, args, state, control, **kw):
-            self.bar.close()
 
-    class Guard(TrainerCallback):
-        """Before each optimizer step: a non-finite loss or gradient norm skips the update (grads dropped, so AdamW
-        leaves the weights alone) up to `patience` times in a row, then stops training naming the step. HF's
-        `logging_nan_inf_filter` would only hide it from the log."""
+class NonFiniteGuard(TrainerCallback):
+    """Before each optimizer step: a non-finite loss or gradient norm skips the update (grads dropped, so AdamW leaves
+    the weights alone) up to `patience` times in a row, then stops training naming the step. HF's
+    `logging_nan_inf_filter` would only hide it from the log."""
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.tensor(0.0)
-            step = state.global_step + 1
-            bad = [what for what, ok in (("loss", guard.pop("finite_loss", True)), ("gradient norm", bool(torch.isfinite(norm)))) if not ok]
-            if not bad:
-                guard["streak"] = 0
-                return
-            guard["streak"] += 1
-            if guard["streak"] > patience:
-                raise NonFinite(f"non-finite {' and '.join(bad)} at optimizer step {step} (epoch {state.epoch or 0:.2f}); training "
-                                f"stopped{' after ' + str(guard['streak']) + ' such steps in a row' if patience else ''}. No checkpoint "
-                                f"was written from it; the last complete one is in {ckpt_dir}. Lower training.learning_rate, check "
-                                "the data of this step, or allow skips with training.nonfinite_patience")
-            for p in model.parameters():
-                p.grad = None
-            guard["skipped_steps"] += 1
-            log.warning("non-finite %s at step %d: update skipped (%d of %d allowed in a row)", " and ".join(bad), step, guard["streak"], patience)
+    def __init__(self, guard: GuardState, patience: int, ckpt_dir: Path):
+        self.guard, self.patience, self.ckpt_dir = guard, patience, ckpt_dir
 
-    class Preemption(TrainerCallback):
-        """A SIGTERM/SIGINT during the loop: save a checkpoint at the end of this step and stop (preempt.py)."""
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        import torch
 
-        def _check(self, control):
-            # Agreed across ranks: a SIGTERM to any one of them stops all of them at the same step.
-            if distributed.any_rank(preempt.requested() is not None):
-                control.should_save = True
-                control.should_training_stop = True
-            return control
+        guard, patience = self.guard, self.patience
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.tensor(0.0)
+        step = state.global_step + 1
+        bad = [what for what, ok in (("loss", guard.take_finite_loss()), ("gradient norm", bool(torch.isfinite(norm)))) if not ok]
+        if not bad:
+            guard.streak = 0
+            return
+        guard.streak += 1
+        if guard.streak > patience:
+            raise NonFinite(f"non-finite {' and '.join(bad)} at optimizer step {step} (epoch {state.epoch or 0:.2f}); training "
+                            f"stopped{' after ' + str(guard.streak) + ' such steps in a row' if patience else ''}. No checkpoint "
+                            f"was written from it; the last complete one is in {self.ckpt_dir}. Lower training.learning_rate, check "
+                            "the data of this step, or allow skips with training.nonfinite_patience")
+        for p in model.parameters():
+            p.grad = None
+        guard.skipped_steps += 1
+        log.warning("non-finite %s at step %d: update skipped (%d of %d allowed in a row)", " and ".join(bad), step, guard.streak, patience)
 
-        def on_step_end(self, args, state, control, **kw):
-            return self._check(control)
 
-        def on_prediction_step(self, args, state, control, **kw):  # a signal during in-training evaluation
-            return self._check(control)
+class Preemption(TrainerCallback):
+    """A SIGTERM/SIGINT during the loop: save a checkpoint at the end of this step and stop (preempt.py)."""
 
-    class Checkpoints(TrainerCallback):
-        """Move checkpoint-N to RUN/checkpoints/step-NNNNNN atomically (checkpoints.py), refusing non-finite weights."""
+    def _check(self, control):
+        # Agreed across ranks: a SIGTERM to any one of them stops all of them at the same step.
+        if distributed.any_rank(preempt.requested() is not None):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
-        def on_save(self, args, state, control, **kw):
-            distributed.barrier()  # every rank has written its part (its RNG state) before rank 0 seals the folder
-            src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and src.exists():
-                checkpoints.finalize(src, ckpt_dir, state.global_step, check=_finite_weights)
-                checkpoints.rotate(ckpt_dir, recipe.training.save_total_limit)  # single writer (transformers#20988)
-            distributed.barrier()
+    def on_step_end(self, args, state, control, **kw):
+        return self._check(control)
 
-    return [Metrics(), Steps(), Guard(), Preemption(), Checkpoints()]
+    def on_prediction_step(self, args, state, control, **kw):  # a signal during in-training evaluation
+        return self._check(control)
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """Move checkpoint-N to RUN/checkpoints/step-NNNNNN atomically (checkpoints.py), refusing non-finite weights."""
+
+    def __init__(self, ckpt_dir: Path, keep: int | None):
+        self.ckpt_dir, self.keep = ckpt_dir, keep
+
+    def on_save(self, args, state, control, **kw):
+        distributed.barrier()  # every rank has written its part (its RNG state) before rank 0 seals the folder
+        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and src.exists():
+            checkpoints.finalize(src, self.ckpt_dir, state.global_step, check=_finite_weights)
+            checkpoints.rotate(self.ckpt_dir, self.keep)  # single writer (transformers#20988)
+        distributed.barrier()
+
+
+def trainer_callbacks(recipe: Recipe, ckpt_dir: Path, metrics: Path, guard: GuardState) -> list[TrainerCallback]:
+    return [MetricsFile(metrics, guard), StepProgress(), NonFiniteGuard(guard, recipe.training.nonfinite_patience, ckpt_dir),
+            Preemption(), AtomicCheckpoints(ckpt_dir, recipe.training.save_total_limit)]
 
 
 def _finite_weights(folder: Path) -> None:
@@ -153,7 +183,7 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class GuardedTrainer(SFTTrainer):
-        guard: dict[str, Any]
+        guard: GuardState
         adapter_dtype: torch.dtype
 
         def cast_adapter(self) -> None:
@@ -172,25 +202,18 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.get("labels")
             if self.model.training and labels is not None and int((labels[..., 1:] != -100).sum()) == 0:
-                self.guard["masked_batches"] += 1
+                self.guard.masked_batches += 1
                 log.warning("a micro-batch at step %d has no supervised token: it adds nothing to the update (%d so far)",
-                            self.state.global_step + 1, self.guard["masked_batches"])
+                            self.state.global_step + 1, self.guard.masked_batches)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not bool(torch.isfinite(loss.detach()).all()):
-                self.guard["finite_loss"] = False
+                self.guard.finite_loss = False
             return loss
 
     return GuardedTrainer
-
-
-def token_dataset(rows: list[dict[str, Any]]):
-    """Tokenised rows; CPT blocks have no labels: every token is supervised."""
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r.get("labels", r["input_ids"]) for r in rows]})
 
 
 def stage_settings(recipe: Recipe, stage: str):
@@ -291,11 +314,6 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
     return get_peft_model(model, lcfg)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a prepared JSONL file (RUN/data/*.jsonl); none when it is absent."""
-    return read_jsonl(path)
-
-
 def _keep_metrics_until(path: Path, step: int) -> None:
     """On resume: keep the metric lines up to the checkpoint's step; later ones were logged by steps being redone."""
     if not path.exists():
@@ -304,16 +322,12 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
 
 
-def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | None = None, show_example: bool = False) -> dict[str, Any]:
-    """Train one stage. `cpt` writes RUN/cpt/ (continued pretraining on packed blocks); `sft` writes RUN/adapter/, starting
-    from RUN/cpt/ when the recipe's stages are [cpt, sft]. `resume_from`: a complete checkpoint of this stage to continue
-    from (optimizer, scheduler, RNG and data position restored, so the result equals an uninterrupted run)."""
-    import torch
+def _model_with_adapter(recipe: Recipe, run: RunDir, stage: str):
+    """The base as the recipe holds it (4-bit under QLoRA, checked), prepared for k-bit training, with this stage's adapter."""
     from peft import prepare_model_for_kbit_training
 
     from .models import load_tokenizer
 
-    torch.manual_seed(recipe.training.seed)
     base = recipe.base_model.id
     tok = load_tokenizer(base, recipe)
     model = load_model(base, recipe, quantized=recipe.quantization.bits != 16)
@@ -323,44 +337,63 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     model = with_adapter(model, recipe, run, stage)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
+    return tok, model, qreport, trainable, total
 
-    rows = read_rows(run.rows(stage, "train"))
-    train_ds = token_dataset(rows)
-    val_ds = token_dataset(read_rows(run.rows(stage, "val")))
+
+def _clear_or_resume(run: RunDir, stage: str, resume_from: Path | None, work: Path) -> None:
+    """Rank 0: on resume keep the complete checkpoints and the metrics up to the checkpoint's step; otherwise start
+    this stage's checkpoints and metrics afresh."""
+    ckpts, metrics = run.stage_checkpoints(stage), run.stage_metrics(stage)
+    if resume_from is not None:
+        checkpoints.sweep(ckpts)  # leftovers of the interrupted write; complete checkpoints stay
+        _keep_metrics_until(metrics, checkpoints.step_of(resume_from))
+        log.info("%s: resuming from %s", stage, resume_from)
+    else:
+        metrics.unlink(missing_ok=True)
+        shutil.rmtree(ckpts, ignore_errors=True)
+    ckpts.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _trainer(recipe: Recipe, run: RunDir, stage: str, model, tok, train_ds, val_ds, work: Path, guard: GuardState):
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+
     has_val = len(val_ds) > 0
     report_to = tracking.configure(recipe.tracking.report_to, recipe.tracking.project, run.logs, stage)
-    run.logs.mkdir(parents=True, exist_ok=True)
-    metrics = run.stage_metrics(stage)
-    ckpts = run.stage_checkpoints(stage)
-    work = run.root / f".trainer-{stage}"
-    main = distributed.is_main()
-    if main:
-        if resume_from is not None:
-            checkpoints.sweep(ckpts)  # leftovers of the interrupted write; complete checkpoints stay
-            _keep_metrics_until(metrics, checkpoints.step_of(resume_from))
-            log.info("%s: resuming from %s", stage, resume_from)
-        else:
-            metrics.unlink(missing_ok=True)
-            shutil.rmtree(ckpts, ignore_errors=True)
-        ckpts.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(work, ignore_errors=True)
-    distributed.barrier()
-    guard = {"skipped_steps": 0, "masked_batches": 0, "streak": 0}
     trainer = _trainer_class()(
         model=model,
         args=sft_config(recipe, work, has_val, stage, report_to),
         train_dataset=train_ds,
         eval_dataset=val_ds if has_val else None,
         processing_class=tok,
-        callbacks=trainer_callbacks(recipe, ckpts, metrics, guard),
+        callbacks=trainer_callbacks(recipe, run.stage_checkpoints(stage), run.stage_metrics(stage), guard),
     )
     trainer.guard = guard
     bf16_gpu = device() == "cuda" and recipe.quantization.compute_dtype == "bfloat16" and recipe.quantization.bits != 16
     trainer.adapter_dtype = torch.bfloat16 if bf16_gpu else torch.float32
     trainer.cast_adapter()
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # metrics go to logs/metrics.jsonl, not raw dicts on stdout
+    return trainer, report_to
+
+
+def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | None = None, show_example: bool = False) -> dict[str, Any]:
+    """Train one stage. `cpt` writes RUN/cpt/ (continued pretraining on packed blocks); `sft` writes RUN/adapter/, starting
+    from RUN/cpt/ when the recipe's stages are [cpt, sft]. `resume_from`: a complete checkpoint of this stage to continue
+    from (optimizer, scheduler, RNG and data position restored, so the result equals an uninterrupted run)."""
+    import torch
+
+    torch.manual_seed(recipe.training.seed)
+    tok, model, qreport, trainable, total = _model_with_adapter(recipe, run, stage)
+    rows = read_rows(run.rows(stage, "train"))
+    train_ds, val_ds = token_dataset(rows), token_dataset(read_rows(run.rows(stage, "val")))
+    run.logs.mkdir(parents=True, exist_ok=True)
+    ckpts, work, main = run.stage_checkpoints(stage), run.root / f".trainer-{stage}", distributed.is_main()
+    if main:
+        _clear_or_resume(run, stage, resume_from, work)
+    distributed.barrier()
+    guard = GuardState()
+    trainer, report_to = _trainer(recipe, run, stage, model, tok, train_ds, val_ds, work, guard)
     checks = None
     if stage == "sft" and recipe.training.preflight_samples and main:
         from .preflight import preflight
@@ -389,29 +422,17 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     if not main:  # rank 0 writes the adapter; the others are done
         distributed.barrier()
         return {"global_step": trainer.state.global_step, "rank": distributed.rank()}
+    summary = TrainingSummary(
+        stage=stage, global_step=trainer.state.global_step, planned_steps=trainer.state.max_steps, train_loss=result.training_loss,
+        train_runtime_s=round(wall, 3), train_rows=len(train_ds), trainable_params=trainable, total_params=total,
+        quantization=qreport.as_dict() if qreport else {"bits": 16}, device=device(), processes=distributed.world_size(),
+        resumed_from_step=checkpoints.step_of(resume_from) if resume_from else None, skipped_nonfinite_steps=guard.skipped_steps,
+        masked_batches=guard.masked_batches, preflight=checks, continued_from="cpt" if stage == "sft" and "cpt" in recipe.stages else None)
     with run.staged("adapter" if stage == "sft" else stage) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        summary = {
-            "global_step": trainer.state.global_step,
-            "planned_steps": trainer.state.max_steps,
-            "train_loss": result.training_loss,
-            "train_runtime_s": round(wall, 3),
-            "train_rows": len(train_ds),
-            "trainable_params": trainable,
-            "total_params": total,
-            "quantization": qreport.as_dict() if qreport else {"bits": 16},
-            "device": device(),
-            "processes": distributed.world_size(),
-            "stage": stage,
-            "resumed_from_step": checkpoints.step_of(resume_from) if resume_from else None,
-            "skipped_nonfinite_steps": guard["skipped_steps"],
-            "masked_batches": guard["masked_batches"],
-            **({"preflight": checks} if checks else {}),
-            **({"continued_from": "cpt"} if stage == "sft" and "cpt" in recipe.stages else {}),
-        }
-        TrainingSummary(**summary).write(tmp / "training_summary.json")  # typed: a misspelt field fails here
+        summary.write(tmp / "training_summary.json")
     shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
-    log.info("%s: %d steps in %.1f s, loss %.4f", stage, summary["global_step"], wall, summary["train_loss"])
-    return summary
+    log.info("%s: %d steps in %.1f s, loss %.4f", stage, summary.global_step, wall, summary.train_loss)
+    return summary.model_dump(mode="json")

@@ -100,7 +100,8 @@ def train_speed(m, bs: list[list[int]], steps: int, vocab: int, profile: bool) -
     tokens, t0 = 0, time.perf_counter()
     for i in range(1, steps + 1):
         if profile and i == 1:
-            from torch.profiler import ProfilerActivity, profile as prof
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
 
             with prof(activities=[ProfilerActivity.CPU]) as p:
                 step(i)

@@ -51,7 +51,7 @@ def test_cpt_then_sft_end_to_end(cpt_run):
     from safetensors.torch import load_file
 
     d, _, outcome = cpt_run
-    assert outcome == {s: "ran" for s in ("prepare", "cpt", "sft", "eval", "merge", "publish")}
+    assert outcome == {s: "ran" for s in ("prepare", "cpt", "sft", "eval", "merge", "card", "publish")}
     prov = json.loads((d / "data/provenance.json").read_text())["cpt"]
     blocks = [json.loads(l)["input_ids"] for l in (d / "data/cpt_train.jsonl").read_text().splitlines()]
     assert len(blocks) == prov["blocks"]["train"] > 0 and {len(b) for b in blocks} == {prov["block_size"]}

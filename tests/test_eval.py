@@ -275,7 +275,7 @@ def test_batched_loglikelihood_and_generation_equal_one_at_a_time(tiny):
             ("12 + 7 =", " 19"), ("The contract is", " void.")]
     batched = HFLM(model, tok, batch_size=4, progress=False).loglikelihood(reqs)
     for (ctx, cont), got in zip(reqs, batched):
-        c = HFLM(model, tok)._ids(ctx, bos=True)
+        c = HFLM(model, tok).encode(ctx, bos=True)
         k = tok(cont, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([c + k])).logits[0].float(), -1)

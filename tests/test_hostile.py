@@ -209,7 +209,7 @@ def test_publish_after_a_re_prepare_with_other_data_is_refused_naming_the_stage(
         if args[0] == "merge":  # a stage command runs the stages before it: train reruns on the new data, so merge is current
             assert r.returncode == 0, r.stderr[-2000:]
             continue
-        assert r.returncode == 2 and "refused, what it would read or ship is out of date: train (changed since it ran" in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and "refused, what it would read or ship is out of date: sft (changed since it ran" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
     assert sorted((run / "hub").iterdir()) == before
 
@@ -220,7 +220,7 @@ def test_another_recipe_prepared_into_the_run_blocks_publishing_the_old_adapter(
     r = cli("prepare", RECIPES / "math.yaml", "--smoke", "--run-dir", run)
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("publish", run, "--force", "--to", f"file://{tmp_path / 'hub'}")
-    assert r.returncode == 2 and "out of date: train" in r.stderr and not (tmp_path / "hub").exists(), r.stderr[-2000:]
+    assert r.returncode == 2 and "out of date: sft" in r.stderr and not (tmp_path / "hub").exists(), r.stderr[-2000:]
 
 
 # ---- 5: combinations validate --what and --to; refs/main never moves to a revision without weights
@@ -285,8 +285,8 @@ def test_changing_how_a_task_is_scored_reruns_eval_only(legal_run, tmp_path):
             "--set", "eval.tasks.0.num_fewshot=1")
     assert r.returncode == 0, r.stderr[-2000:]
     said = {line.split()[0]: line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] and line.split()[0] in
-            ("prepare", "sft", "eval", "merge", "publish") and len(line.split()) == 2}
-    assert said == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}, r.stderr[-2000:]
+            ("prepare", "sft", "eval", "merge", "card", "publish") and len(line.split()) == 2}
+    assert said == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "card": "ran", "publish": "ran"}, r.stderr[-2000:]
     # and a change to what decontamination reads (the task's rows) does rebuild the data
     r = cli("prepare", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "eval.tasks.0.limit=2")
     assert r.returncode == 0 and "prepare  ran" in r.stderr, r.stderr[-2000:]
@@ -682,9 +682,9 @@ def test_card_load_instructions_licence_datasets_and_base_name(legal_run, tmp_pa
 
 def test_a_local_base_folder_is_published_under_its_hub_id(tmp_path):
     from finetune.pipeline import Context
-    from finetune.stages import public_base
     from finetune.recipe import load_recipe
     from finetune.run import RunDir
+    from finetune.stages import public_base
 
     base = tmp_path / "models" / "Saul-7B"
     base.mkdir(parents=True)

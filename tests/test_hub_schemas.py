@@ -61,9 +61,8 @@ def test_recipe_data_sources_build_on_their_published_schemas(name, hub):
 @pytest.mark.parametrize("name", ["legal", "medical", "math"])
 def test_recipe_eval_tasks_load_on_their_published_schemas(name, hub):
     from finetune.recipe import load_recipe
-    from finetune.tasks import load_items
-
     from finetune.smoke import build_tokenizer
+    from finetune.tasks import load_items
 
     recipe, recipe_dir = load_recipe(RECIPES / f"{name}.yaml")
     tok = build_tokenizer(["a chat template is all the medical recipe's tasks need of a tokenizer"])

@@ -46,14 +46,14 @@ def test_changed_training_reruns_train_and_later_only(legal_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(legal_run, d)
     out = go(d, "training.learning_rate=1e-3")
-    assert out == {"prepare": "skipped", "sft": "ran", "eval": "ran", "merge": "ran", "publish": "ran"}
+    assert out == {"prepare": "skipped", "sft": "ran", "eval": "ran", "merge": "ran", "card": "ran", "publish": "ran"}
 
 
 def test_force_and_damaged_outputs_rerun(legal_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(legal_run, d)
     # merge does not read eval's outputs: it stays (a forced eval used to re-merge the model for nothing)
-    assert go(d, force=["eval"]) == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "publish": "ran"}
+    assert go(d, force=["eval"]) == {"prepare": "skipped", "sft": "skipped", "eval": "ran", "merge": "skipped", "card": "ran", "publish": "ran"}
     (d / "adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
     assert go(d)["sft"] == "ran"
     shutil.rmtree(d / "hub")  # the published copy went missing: publish again

@@ -4,11 +4,11 @@ and the model card field by field."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import logging
 import shutil
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +54,6 @@ def local_files(run: RunDir, base_name: str = "m") -> dict[str, bytes]:
 @pytest.fixture
 def hub(monkeypatch):
     import huggingface_hub.constants
-
     import huggingface_hub.utils._http as hf_http
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import; the mock is loopback
@@ -177,7 +176,8 @@ def test_card_fields(legal, tmp_path):
 
     run = fresh(legal, tmp_path)
     edit_json(run.data / "provenance.json", lambda p: p["sources"].append(
-        {"hub": "isaacus/open-australian-legal-qa", "license": "cc-by-nc-4.0", "rows_read": 10, "rows_kept": 9, "removed": {"invalid": 1},
+        {"hub": "isaacus/open-australian-legal-qa", "license": "cc-by-nc-4.0", "rows_read": 10, "rows_kept": 9, "not_selected": 0,
+         "removed": {"invalid": 1},
          "sha256": "ab" * 32}))
     r = recipe_of(run, "publish.tags=[australia]")
     card = render_card(r, run, "Equall/Saul-7B-Instruct-v1", smoke=False)

@@ -326,8 +326,8 @@ def test_preflight_runs_before_training_and_in_validate(prepared, tmp_path):
     rows = [json.loads(line) for line in (d / "data/train.jsonl").read_text().splitlines()]
     rows[0]["labels"][-1] = -100
     (d / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from finetune.train import train
     from finetune.run import RunDir
+    from finetune.train import train
 
     with pytest.raises(PreflightError, match="eos"):
         train(RunDir(d).load_recipe()[0], RunDir(d))

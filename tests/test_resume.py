@@ -138,7 +138,7 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(reference, tmp_p
     changed = [*SETS, "training.learning_rate=1e-3"]
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), [])
     start(ctx, resolved)
-    with pytest.raises(UserError, match=r"train: .*step-000012 was written by a run with other inputs \(changed: recipe training\).*--allow-drift"):
+    with pytest.raises(UserError, match=r"sft: .*step-000012 was written by a run with other inputs \(changed: recipe training\).*--allow-drift"):
         run_stages(ctx, ("prepare", "sft"))
     assert (d / "checkpoints/step-000012/COMPLETE").exists()  # nothing lost
     ctx, resolved = make_context(str(RECIPES / "legal.yaml"), changed, True, str(d), [], allow_drift=True)

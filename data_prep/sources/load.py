@@ -4,14 +4,15 @@ duplicate ids. Returns the rows, the rejects (row number + reason) and what prov
 from __future__ import annotations
 
 import functools
-import os
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, RowError
 from ..formats import detect_format, normalise
+from ..rejects import reject as reject_record
 from ..schema import did_you_mean
 from ..spec import Location, Source, resolve_path
 from .adapters import ADAPTERS
@@ -121,7 +122,7 @@ def load_source(src: Source, base_dir: Path, progress: bool = False) -> Loaded:
         rows = tqdm(rows, total=opened.info.get("rows_in_file"), desc=f"read {Path(where).name}", unit=" rows", leave=False)
 
     def reject(n: int, reason: str, kind: str = "invalid") -> None:
-        out.rejects.append({"source": where, "row": n, "filter": kind, "reason": reason})
+        out.rejects.append(reject_record(where, n, kind, reason))
 
     for n, raw in rows:
         if src.limit is not None and out.read >= src.limit:
