@@ -42,3 +42,16 @@ def smoke_runs(tmp_path_factory):
         outcome = run_stages(ctx)
         out[name] = (run_dir, outcome)
     return out
+
+
+# Fixtures that train a model (a smoke run, an adapter, a two-process run): a test using one, directly or through
+# another fixture, is in the slow tier. `pytest -m "not slow"` is the fast loop (README, "Tests"); tests that start a
+# training from the command line carry @pytest.mark.slow themselves.
+TRAINING_FIXTURES = {"smoke_runs", "cpt_run", "pair", "legal_run", "adapters", "moe_adapters", "legal", "prepared", "reference",
+                     "tracked_run", "traced"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

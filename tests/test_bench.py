@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_train_runs_both_configs_and_prints_one_table(tmp_path):
     out = subprocess.run([sys.executable, "scripts/bench_train.py", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--rows", "32",
                           "--max-len", "128", "--context", "--context-start", "64", "--context-cap", "256", "--merge", "--out", str(tmp_path)],

@@ -421,6 +421,7 @@ def test_data_cli_build_validate_stats(shared_datasets, tmp_path):
     assert "rows/s" in out.stderr and (tmp_path / "m" / "datacard.md").exists()
 
 
+@pytest.mark.slow
 def test_data_benchmark_script_runs(shared_datasets):
     """scripts/bench_data.py stays runnable (its timings are reported by hand, never asserted)."""
     out = subprocess.run([sys.executable, "scripts/bench_data.py", "--repeat", "1", "--shared", str(shared_datasets)],

@@ -77,6 +77,7 @@ def test_two_processes_leave_the_same_artifacts_written_once(pair):
     assert {"rng_state_0.pth", "rng_state_1.pth", "COMPLETE"} <= {p.name for p in ck.iterdir()}
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_ends_in_one_complete_resumable_checkpoint(tmp_path):
     """Rank 1 alone gets SIGTERM as step 4 begins: the ranks agree to stop after that step, rank 0 seals one checkpoint
     holding both ranks' RNG states, and the same command resumes it to the planned 8 steps."""

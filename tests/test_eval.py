@@ -323,6 +323,7 @@ def test_tiny_model_scores_every_row_of_the_real_files(tiny, shared_datasets):
 # `finetune eval` on any model directory, with or without an adapter, tasks only in YAML
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_model_dir_with_and_without_adapter(tiny, tmp_path, shared_datasets):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

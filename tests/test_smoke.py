@@ -86,6 +86,7 @@ def test_demo_command_twice_from_the_command_line(tmp_path):
     assert [l.split()[1] for l in second.stderr.splitlines() if l.split()[:1] and l.split()[0] in STAGES] == ["skipped"] * len(SFT_STAGES)
 
 
+@pytest.mark.slow
 def test_math_recipe_prepares_real_gsm8k_through_data_prep(shared_datasets, tmp_path):
     """The shipped math recipe's prepare stage, pointed at the local GSM8K files instead of the Hub: adapter with
     \\boxed{} answers, decontamination against the test split, then the recipe's template and tokenizer."""
