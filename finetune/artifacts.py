@@ -27,11 +27,17 @@ class Artifact(BaseModel):
     @classmethod
     def read(cls: type[A], path: Path) -> A:
         """The file as this model; StageFailed (exit 1) naming the file and field when it is missing or not one."""
+        return cls.model_validate(cls.read_checked(path))
+
+    @classmethod
+    def read_checked(cls, path: Path) -> dict[str, Any]:
+        """The file's JSON as written, after checking it against this model (for readers that walk it as a dict)."""
         data = read_json(path, None)
         if data is None:
             raise StageFailed(f"{path}: missing (the stage that writes it has not run, or it was removed)")
         try:
-            return cls.model_validate(data)
+            cls.model_validate(data)
+            return data
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -102,3 +108,41 @@ class MergeCheck(Artifact):
     reloaded_differing_examples: list[str] | None = None
     saved_vs_adapter_max_abs_diff: float | None = None
     saved_weight_dtypes: list[str] | None = None
+
+
+class Scores(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the metric's own details (counts, items scored per label ...)
+
+    score: float | None = Field(description="The task's metric (a share in [0, 1], or a perplexity); None when nothing was scored.")
+    ci95: list[float | None] | None = Field(None, description="Bootstrap 95% interval of the score.")
+    ci95_note: str | None = Field(None, description="Why the interval has zero width, shown instead of it.")
+    metrics: dict[str, float | None] | None = Field(None, description="The other metrics of the task type (tasks.METRICS).")
+
+
+class TaskResult(BaseModel):
+    model_config = ConfigDict(extra="allow")  # sampling details, per-task notes
+
+    name: str
+    type: Literal["multiple_choice", "classification", "exact_match", "perplexity"]
+    metric: str
+    higher_is_better: bool
+    n: int = Field(description="Items scored.")
+    source: str | None = Field(description="Where the items came from (Hub id or file name).")
+    base: Scores
+    tuned: Scores | None = Field(description="The adapter as trained; None when a plain model was evaluated alone.")
+    delta: float | None
+    delta_ci95: list[float | None] | None = Field(None, description="Paired bootstrap 95% interval of tuned - base.")
+    merged: Scores | None = Field(None, description="The published merged model, when it passed its check and was scored.")
+    merged_delta: float | None = None
+    merged_delta_ci95: list[float | None] | None = None
+    one_class: bool = False
+    warnings: list[str] | None = None
+
+
+class EvalReport(Artifact):
+    """RUN/eval/report.json: written by the eval stage (harness.write_report); read by the card, the publish gates and
+    `finetune eval`'s table."""
+
+    model_config = ConfigDict(extra="allow")  # the model and adapter names of `finetune eval MODEL`
+
+    tasks: list[TaskResult]

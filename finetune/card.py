@@ -16,7 +16,7 @@ from data_prep import licences
 from data_prep.licences import is_non_commercial
 from data_prep.provenance import read as read_provenance
 
-from .artifacts import MergeCheck, TrainingSummary
+from .artifacts import EvalReport, MergeCheck, TrainingSummary
 from .harness import report_markdown
 from .recipe import Recipe
 from .run import RunDir, read_json
@@ -106,7 +106,7 @@ def model_index(name: str, report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) -> str:
     prov = read_provenance(run.data / "provenance.json")
-    report = read_json(run.eval / "report.json", {"tasks": []})
+    report = EvalReport.read_checked(run.eval / "report.json")
     check = MergeCheck.read_if_present(run.merge_check)
     summary = TrainingSummary.read(run.adapter / "training_summary.json")
     license_id, warnings = card_license(recipe, prov["sources"])

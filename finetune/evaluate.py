@@ -38,23 +38,28 @@ def heldout_suite(run: RunDir) -> tuple[EvalTask, list[Item]] | None:
 
 
 def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_size: int, template: str | None,
-                 with_adapter: bool) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
-    """Every task for the base (adapter off) and, when there is an adapter, the tuned model."""
+                 with_adapter: bool, throughput: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
+    """Every task for the base (adapter off) and, when there is an adapter, the tuned model. `throughput` gets each
+    model's tokens processed and seconds."""
     from .lm import HFLM
 
     per_item: dict[str, dict[str, list[dict]]] = {t.name: {} for t, _ in suites}
+    speed = throughput if throughput is not None else {}
     if with_adapter:
         with model.disable_adapter():
             lm = HFLM(model, tok, batch_size, desc="base")
             for task, items in suites:
                 per_item[task.name]["base"] = score_items(lm, task, items, template)
+            speed["base"] = lm.throughput()
         lm = HFLM(model, tok, batch_size, desc="tuned")
         for task, items in suites:
             per_item[task.name]["tuned"] = score_items(lm, task, items, template)
+        speed["tuned"] = lm.throughput()
     else:
         lm = HFLM(model, tok, batch_size, desc="model")
         for task, items in suites:
             per_item[task.name]["base"] = score_items(lm, task, items, template)
+        speed["model"] = lm.throughput()
     entries = []
     for task, _ in suites:
         got = per_item[task.name]
@@ -78,7 +83,9 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
                                         info=sampling.setdefault(task.name, {}))))
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
     model = PeftModel.from_pretrained(model, str(run.adapter))
-    entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True)
+    throughput: dict[str, Any] = {}
+    entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True,
+                                     throughput=throughput)
     del model
     merged = merged_to_score(run)
     if merged is not None:
@@ -86,12 +93,14 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
         from .models import DTYPES
 
         mmodel = load_model(str(merged), recipe, quantized=False, dtype=DTYPES[recipe.merge.dtype])
-        score_merged(mmodel, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template)
+        throughput["merged"] = score_merged(mmodel, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template)
         del mmodel
     for e in entries:
         if e["name"] in sampling:
             e["sampling"] = sampling[e["name"]]
-    report = {"tasks": entries}
+    for who, t in throughput.items():
+        log.info("eval %s: %d tokens in %.1f s (%s tokens/s)", who, t["tokens"], t["seconds"], t["tokens_per_s"])
+    report = {"tasks": entries, "throughput": throughput}
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
     return {"tasks": len(entries), **{f"{e['name']}.{e['metric']}": e["tuned"]["score"] for e in entries}}
@@ -107,8 +116,9 @@ def merged_to_score(run: RunDir) -> Path | None:
     return run.merged
 
 
-def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None) -> None:
-    """Add the merged model's column to each task's entry: its scores and its paired delta against the base."""
+def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None) -> dict[str, Any]:
+    """Add the merged model's column to each task's entry: its scores and its paired delta against the base. Returns
+    the merged model's throughput."""
     from . import metrics
     from .harness import _fmt as fmt
     from .harness import model_scores, note_degenerate
@@ -126,6 +136,7 @@ def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, ba
         note_degenerate(entry, "merged")
         log.info("eval %s: %s base %s -> merged %s (the published model)", task.name, task.metric,
                  fmt(entry["base"]["score"], task.metric), fmt(entry["merged"]["score"], task.metric))
+    return lm.throughput()
 
 
 def _free_memory() -> None:

@@ -184,8 +184,10 @@ def report_png(report: dict[str, Any], path: Path) -> None:
 
 def write_report(out: Path, report: dict[str, Any], per_item: dict[str, dict[str, list[dict]]]) -> None:
     """report.json, report.md, report.png, and items/<task>.jsonl with every item's prediction (for inspection)."""
+    from .artifacts import EvalReport
     from .run import write_json
 
+    EvalReport.model_validate(report)  # typed: a task entry missing a field fails here, in the stage that wrote it
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")

@@ -9,6 +9,7 @@ one BOS in front when the tokenizer adds one, so the boundary the model is score
 from __future__ import annotations
 
 import sys
+import time
 from typing import Iterable, Protocol
 
 from .templates import token_ids
@@ -62,6 +63,12 @@ class HFLM:
     def __init__(self, model, tok, batch_size: int = 8, progress: bool = True, desc: str = ""):
         self.model, self.tok, self.batch_size, self.progress, self.desc = model, tok, batch_size, progress, desc
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Throughput: the real (non-pad) tokens this model processed, generated ones included, and the time it took.
+        self.tokens, self.seconds = 0, 0.0
+
+    def throughput(self) -> dict[str, float]:
+        return {"tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None}
 
     @property
     def device(self):
@@ -84,6 +91,7 @@ class HFLM:
         for j, s in enumerate(seqs):
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
+        self.tokens += sum(len(s) for s in seqs)
         kept = torch.tensor(keep, dtype=torch.long, device=self.device)
         with torch.no_grad():
             try:
@@ -118,6 +126,13 @@ class HFLM:
         return out
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
+        t0 = time.perf_counter()
+        try:
+            return self._loglikelihood(requests)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
         """log p(continuation | context). Contexts asked with several continuations (the labels of a classification
         item, the options of a multiple-choice one) are run once, and the continuations scored from their KV cache:
         with 5-shot prompts and five labels that is about a fifth of the work."""
@@ -148,6 +163,7 @@ class HFLM:
         out = []
         for start in range(0, len(ks), self.batch_size):
             chunk = ks[start : start + self.batch_size]
+            self.tokens += len(c) + sum(len(k) for k in chunk)
             with torch.no_grad():
                 first = self.model(input_ids=torch.tensor([c], device=self.device), use_cache=True, logits_to_keep=1)
                 cache = first.past_key_values
@@ -172,6 +188,7 @@ class HFLM:
 
     def nll(self, examples: list[list[tuple[str, bool]]]) -> list[tuple[float, int]]:
         pairs = []
+        t0 = time.perf_counter()
         for segs in examples:
             ids: list[int] = []
             mask: list[bool] = []
@@ -183,14 +200,28 @@ class HFLM:
                 ids.append(self.tok.eos_token_id)  # instruction rows: the response ends with EOS, as in training
                 mask.append(True)
             pairs.append((ids, mask))
-        return self._scored(pairs, f"{self.desc} loss")
+        try:
+            return self._scored(pairs, f"{self.desc} loss")
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def nll_encoded(self, examples: list[dict]) -> list[tuple[float, int]]:
         """Loss of already tokenised rows (RUN/data/val.jsonl): their labels say which tokens are scored."""
-        return self._scored([(e["input_ids"], [x != -100 for x in e["labels"]]) for e in examples], f"{self.desc} loss")
+        t0 = time.perf_counter()
+        try:
+            return self._scored([(e["input_ids"], [x != -100 for x in e["labels"]]) for e in examples], f"{self.desc} loss")
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
         """Greedy, batched with left padding; each output is cut at its first stop sequence."""
+        t0 = time.perf_counter()
+        try:
+            return self._generate(prompts, max_new_tokens, stop)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
         import torch
 
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -210,6 +241,7 @@ class HFLM:
             with torch.no_grad():
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=max_new_tokens,
                                           do_sample=False, pad_token_id=self.pad, eos_token_id=eos or None, **kwargs)
+            self.tokens += int(attn.sum()) + int((gen[:, width:] != self.pad).sum())
             for j, i in enumerate(batch):
                 text = self.tok.decode(gen[j, width:], skip_special_tokens=True)
                 out[i] = cut_at_stop(text, stop)

@@ -26,7 +26,7 @@ from typing import Any
 from data_prep.provenance import read as read_provenance
 
 from . import distributed
-from .artifacts import MergeCheck
+from .artifacts import EvalReport, MergeCheck
 from .card import licence_conflicts
 from .errors import PublishRefused, StageFailed, UserError
 from .recipe import Recipe
@@ -115,7 +115,7 @@ def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
     g = recipe.publish.gate
     out = []
     if g.max_regression is not None:
-        out += [f"regression on {r}" for r in regressions(read_json(run.eval / "report.json", {}), g.max_regression, recipe.publish.what)]
+        out += [f"regression on {r}" for r in regressions(EvalReport.read_checked(run.eval / "report.json"), g.max_regression, recipe.publish.what)]
     prov = read_provenance(run.data / "provenance.json")
     if g.licence_conflicts:
         out += [f"licence: {c}" for c in licence_conflicts(recipe, prov["sources"])]

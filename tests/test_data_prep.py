@@ -469,7 +469,7 @@ def test_hub_source_passes_id_config_split_and_revision(monkeypatch, tmp_path):
 
 
 def test_quality_shorthands_from_design():
-    """DESIGN.md's sketch writes `quality: {dedupe: near, pii: redact, decontaminate: true}`; it means the full form."""
+    """The short form users write: `quality: {dedupe: near, pii: redact, decontaminate: true}`; it means the full form."""
     q = spec(sources=[{"path": "x.jsonl"}], quality={"dedupe": "near", "pii": "flag", "decontaminate": False}).quality
     assert q.pii.action == "flag" and q.decontaminate.enabled is False and q.decontaminate.ngram == 13
     with pytest.raises(ValueError, match="pii.action"):

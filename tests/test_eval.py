@@ -286,6 +286,24 @@ def test_batched_loglikelihood_and_generation_equal_one_at_a_time(tiny):
     assert HFLM(model, tok, batch_size=4, progress=False).generate(prompts, 6, []) == one
 
 
+def test_throughput_counts_the_real_tokens_each_request_processed(tiny):
+    """The eval report's tokens/s counts every non-pad token the model processed: counted here independently."""
+    from finetune.lm import HFLM
+
+    model, tok, _ = tiny
+    lm = HFLM(model, tok, batch_size=4, progress=False)
+    reqs = [("Q: short?\nA:", " Yes"), ("Q: a longer question about the contract?\nA:", " No"), ("12 + 7 =", " 19")]
+    lm.loglikelihood(reqs)
+    want = sum(len(lm.encode(c, bos=True)) + len(tok(k, add_special_tokens=False)["input_ids"]) for c, k in reqs)
+    assert lm.tokens == want and lm.seconds > 0
+    shared = [("Is it hearsay?", " Yes"), ("Is it hearsay?", " No")]  # one context, run once from its KV cache
+    lm.loglikelihood(shared)
+    want += len(lm.encode("Is it hearsay?", bos=True)) + sum(len(tok(k, add_special_tokens=False)["input_ids"]) for _, k in shared)
+    assert lm.tokens == want
+    got = lm.throughput()
+    assert got["tokens"] == want and got["tokens_per_s"] == pytest.approx(want / got["seconds"], rel=0.01)
+
+
 @pytest.mark.slow
 def test_tiny_model_scores_every_row_of_the_real_files(tiny, shared_datasets):
     from finetune.lm import HFLM
