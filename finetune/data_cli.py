@@ -212,11 +212,19 @@ RetriesOpt = Annotated[int, typer.Option("--retries", help="Retries on network e
 OutOpt = Annotated[Path, typer.Option("--out", help="Output JSONL; rows are appended as they arrive and a rerun continues it.")]
 
 
+def load_local_teacher(path: str):
+    """A `local:PATH` teacher through the loader every command uses (remote code refused, pad token set, MoE unfused)."""
+    from .models import Loader, load_model, load_tokenizer
+
+    spec = Loader.plain(path, "--teacher local:")
+    return load_tokenizer(path, spec), load_model(path, spec, quantized=False)
+
+
 def _teacher(teacher: str, model: str | None, api_key_env: str, api: str, retries: int):
     from data_prep.synth.teacher import make_teacher
 
     try:
-        return make_teacher(teacher, model, api=api, api_key_env=api_key_env, retries=retries)
+        return make_teacher(teacher, model, local_load=load_local_teacher, api=api, api_key_env=api_key_env, retries=retries)
     except ValueError as e:
         raise DataError(str(e)) from None
 

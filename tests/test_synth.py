@@ -210,6 +210,11 @@ def test_local_transformers_teacher(tmp_path):
     teacher = make_teacher(f"local:{tmp_path / 'm'}")
     got = teacher.complete("Write one question.", max_tokens=6, temperature=0.0)
     assert isinstance(got.text, str) and got.truncated  # 6 new tokens, no EOS from a random model: cut by the limit
+    # the CLI loads a local teacher through finetune's loader: the same model, the same greedy answer
+    from finetune.data_cli import load_local_teacher
+
+    same = make_teacher(f"local:{tmp_path / 'm'}", local_load=load_local_teacher)
+    assert same.complete("Write one question.", max_tokens=6, temperature=0.0).text == got.text
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("The lessee shall keep the premises in good repair.")

@@ -91,13 +91,19 @@ class OpenAITeacher:
 class LocalTeacher:
     """A transformers causal LM on this machine (imports torch only when used)."""
 
-    def __init__(self, path: str, *, device: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, path: str, *, device: str | None = None, trust_remote_code: bool = False, load=None):
+        """`load(path) -> (tokenizer, model)`: the CLI passes finetune's loader (remote-code refusal, pad token, MoE
+        unfusing); without one, plain transformers (data_prep does not depend on finetune)."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if load is not None:
+            self.tok, self.model = load(path)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.name = f"local:{path}"
@@ -122,10 +128,11 @@ class LocalTeacher:
         return Completion(text, len(new) >= max_tokens)
 
 
-def make_teacher(spec: str, model: str | None = None, **kw) -> Teacher:
-    """`http(s)://host:port/v1` (OpenAI-compatible; --model names the served model) or `local:PATH`."""
+def make_teacher(spec: str, model: str | None = None, local_load=None, **kw) -> Teacher:
+    """`http(s)://host:port/v1` (OpenAI-compatible; --model names the served model) or `local:PATH` (loaded with
+    `local_load` when given)."""
     if spec.startswith("local:"):
-        return LocalTeacher(spec.removeprefix("local:"))
+        return LocalTeacher(spec.removeprefix("local:"), load=local_load)
     if spec.startswith(("http://", "https://")):
         if not model:
             raise ValueError("an OpenAI-compatible teacher needs --model (the served model's name)")
