@@ -33,8 +33,8 @@ from typing import Any
 
 from .errors import UserError
 from .gguf import cache_root
-from .recipe import LOCATION_PATH_KEYS as PATH_KEYS
 from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
+from .recipe_paths import LOCATION_PATH_KEYS as PATH_KEYS
 from .run import RunDir, sha256_file
 
 log = logging.getLogger("finetune")

@@ -348,7 +348,7 @@ def make_context(recipe_path: str, overrides: list[str], smoke: bool, run_dir: s
         b = recipe.base_model.model_copy(update={"id": str(gguf.converted_dir(gguf_info["sha256"], gguf_info["dtype"])), "gguf_file": None})
         recipe = recipe.model_copy(update={"base_model": b})
     from .hub import check_hub
-    from .recipe import missing_files
+    from .recipe_paths import missing_files
 
     required = options.pop("hub_required", True)
     if not smoke:  # --smoke is offline by design
