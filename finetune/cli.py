@@ -288,7 +288,7 @@ def run(recipe: RecipeArg, smoke: SmokeOpt = False, laptop: LaptopOpt = False, d
         run_dir: RunDirOpt = None, force: ForceOpt = None,
         resume: ResumeOpt = True, allow_drift: DriftOpt = False, show_example: ShowOpt = False, gpus: GpusOpt = None,
         nodes: NodesOpt = None, node_rank: NodeRankOpt = 0, main_address: MainOpt = None) -> None:
-    """Run every stage: prepare, train, eval, merge, publish. Stages already done with the same inputs are skipped.
+    """Run every stage: prepare, [cpt], sft, merge, eval, card, publish. Stages done with the same inputs are skipped.
 
     SIGTERM or Ctrl-C during training finishes the step, writes a checkpoint and exits 143; the same command continues."""
     _run("run", RunOptions(recipe, smoke, laptop, data_dir, set_ or [], run_dir, force or [], resume, allow_drift, show_example,
