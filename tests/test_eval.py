@@ -301,7 +301,8 @@ def test_throughput_counts_the_real_tokens_each_request_processed(tiny):
     want += len(lm.encode("Is it hearsay?", bos=True)) + sum(len(tok(k, add_special_tokens=False)["input_ids"]) for _, k in shared)
     assert lm.tokens == want
     got = lm.throughput()
-    assert got["tokens"] == want and got["tokens_per_s"] == pytest.approx(want / got["seconds"], rel=0.01)
+    # tokens/s from the unrounded time (the report rounds seconds to ms, which on a tiny model is most of it)
+    assert got["tokens"] == want and got["tokens_per_s"] == pytest.approx(want / lm.seconds, abs=0.1)
 
 
 @pytest.mark.slow
