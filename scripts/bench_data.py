@@ -1,8 +1,9 @@
 """Benchmark: build GSM8K train (7,473 rows) with validation, exact and near dedupe, PII scan and 13-gram
 decontamination against GSM8K test, as `finetune data build` does. Target (issue 3): under 20 s on 2 CPU cores.
 
-Run from the project root with ../shared beside it:
-    .venv/bin/python scripts/bench_data.py [--repeat 3] [--shared ../shared/datasets]
+Run from the project root, with the public datasets folder beside the checkout (docs/benchmarks.md has the command
+and the measured table):
+    .venv/bin/python scripts/bench_data.py [--repeat 3] [--shared DIR]
 Prints one markdown table (whole build, then each step alone) with the machine and package versions.
 """
 
