@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .errors import DataError, RowError
 from .formats import content_hash, content_texts, hashed_id, row_texts
 from .outputs import check_output, mark, replace_dir, staging_dir
-from .quality import decontam, dedupe, pii
+from .quality import decontam, dedupe
 from .rejects import FILTERS, reject_row
 from .sources.load import load_source
 from .spec import BuildSpec, DataSpec, Source
@@ -138,14 +138,19 @@ def _decontaminate(book: _Ledger, dc, eval_sets, base_dir: Path) -> dict[str, An
 
 
 def _scan_pii(book: _Ledger, p) -> dict[str, Any]:
-    kinds = set(p.kinds)
+    from .quality.pii import DETECTORS, Scanner
+    from .quality.pii.ner import load as load_ner
+
+    t0 = time.perf_counter()
+    ner, ner_line = load_ner(p.ner) if "name" in p.kinds else (None, "off (name not among quality.pii.kinds)")
+    scanner = Scanner(p.kinds, p.action, ner)
     counts: Counter = Counter()
     affected: list[str] = []
     out = []
+    scanned = len(book.rows)
     for s in book.sources:
         s["pii_rows"] = 0
-    for r in book.rows:
-        red, found = pii.scan_row(r, kinds)
+    for r, (red, found) in zip(book.rows, scanner.scan_rows(book.rows)):
         if not found:
             out.append(r)
             continue
@@ -153,13 +158,21 @@ def _scan_pii(book: _Ledger, p) -> dict[str, Any]:
         affected.append(hashed_id(r))
         book.sources[r["_origin"]]["pii_rows"] += 1
         if p.action == "drop":
-            book.drop([(r, "personal data: " + ", ".join(sorted(found.counts)))], "pii")
+            book.drop([(r, "personal data: " + ", ".join(sorted(found.counts)))], "pii")  # the kinds, never the values
         else:
-            out.append(red if p.action == "redact" else r)
+            out.append(r if p.action == "flag" else red)
     book.rows = out
+    if p.rejects == "redacted":
+        # A reason can quote a value of the row it rejects (a duplicate id, an unknown label): scanned like the rows.
+        for rej, (reason, _) in zip(book.rejects, scanner.scan_texts([rej["reason"] for rej in book.rejects])):
+            rej["reason"] = reason
+    seconds = time.perf_counter() - t0
     # Counts and hashed row ids only: never the text that was found.
-    return {"action": p.action, "kinds": sorted(kinds), "findings": dict(counts), "rows": len(affected),
-            "row_ids_sha256": affected, "names": "by title or label only (no offline NER model)"}
+    return {"action": p.action, "kinds": list(p.kinds), "findings": {k: counts[k] for k in p.kinds if counts[k]}, "rows": len(affected),
+            "rows_scanned": scanned,
+            "row_ids_sha256": affected, "detectors": sum(d.kind in p.kinds for d in DETECTORS), "ner": ner.info if ner else None,
+            "names": "titles, labels and role words" + (f"; named-entity recognition: {ner_line}" if ner else f"; no named-entity recognition ({ner_line})"),
+            "rejects": p.rejects, "seconds": round(seconds, 3)}
 
 
 def collect(spec: DataSpec, base_dir: Path, *, eval_sets: list[tuple[str, list[str]]] = (),

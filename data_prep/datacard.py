@@ -113,15 +113,37 @@ def datacard(name: str, prov: dict[str, Any]) -> str:
                      f"{d['overlapping_rows']} training rows overlapped ({sets}), action: {d['action']}")
     else:
         lines.append("- Decontamination: off")
-    p = q.get("pii")
-    if p and p["action"] != "off":
-        found = ", ".join(f"{k} {v}" for k, v in sorted(p["findings"].items())) or "none"
-        lines.append(f"- Personal data ({p['action']}): {p['rows']} rows; findings: {found}. Names are found by title or label only. "
-                     "Hashed row ids in provenance.json.")
-    else:
-        lines.append("- Personal data: not scanned")
+    lines += pii_lines(q.get("pii"))
     lines += [f"- Rejected rows: {prov['rejected']} (each with source, row, filter and reason in rejects.jsonl)", ""]
     return "\n".join(lines)
+
+
+_ACTIONS = {"redact": "each finding replaced by its kind ([NAME], [PHONE] ...)",
+            "pseudonymize": "each finding replaced by a numbered placeholder, the same for the same value in every row ([NAME_1]); "
+                            "the mapping was held in memory only and never written",
+            "flag": "rows with findings kept as they are and listed (hashed) in provenance.json",
+            "drop": "rows with findings removed (rejects.jsonl, filter pii)"}
+
+
+def pii_lines(p: dict[str, Any] | None) -> list[str]:
+    """The data card's personal-data lines: what was looked for, by which detectors, what was found and done (counts only)."""
+    if not p or p["action"] == "off":
+        return ["- Personal data: not scanned (quality.pii.action: off)"]
+    found = ", ".join(f"{k} {v}" for k, v in sorted(p["findings"].items())) or "none"
+    scanned = f" of {p['rows_scanned']}" if "rows_scanned" in p else ""
+    lines = [f"- Personal data ({p['action']}): {p['rows']} rows{scanned} with findings; findings by kind: {found}. "
+             f"{_ACTIONS.get(p['action'], '')}. Hashed row ids in provenance.json; no found value is written anywhere."]
+    if "detectors" in p:
+        lines.append(f"  - Looked for: {', '.join(p['kinds'])} ({p['detectors']} detectors: the HIPAA Safe Harbor identifiers and European ids, "
+                     "checksums where an id has one; docs/pii.md in finetune lists them with what each leaves alone).")
+        lines.append(f"  - Names: {p['names']}.")
+        lines.append("  - rejects.jsonl records each removed row by source, row number, filter and reason; it copies no row text. "
+                     + ("Its reasons were scanned and redacted too (quality.pii.rejects: redacted)." if p.get("rejects") == "redacted" else
+                        "A reason can quote a value of the row it rejects (a duplicate id, an unknown label): build with "
+                        "`--rejects redacted` (quality.pii.rejects) to scan them too."))
+    else:  # a build from before the detectors table
+        lines.append("  - Names: by title or label only.")
+    return lines
 
 
 def write_docs(out: Path, name: str, collected, stats: dict[str, Any]) -> dict[str, Any]:

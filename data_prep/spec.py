@@ -110,17 +110,43 @@ class NearDedupeSpec(Section):
     ngram: int = Field(5, ge=1, description="Shingle size in words (5-word shingles as in Lee et al. 2022); rows shorter than this are one shingle.")
 
 
-class PIISpec(Section):
-    """Personal data in medical and legal sources: detected by pattern (and by spaCy's NER for names when a model is installed)."""
+PII_KINDS = ("name", "address", "date", "age", "ssn", "national_id", "record_id", "health_plan", "account", "licence", "vehicle", "device",
+             "card", "iban", "phone", "email", "url", "ip")
+# Kinds renamed since earlier recipes: date_of_birth became `date` (any date tied to a person: birth, admission, discharge, death).
+_PII_RENAMED = {"date_of_birth": "date"}
 
-    action: Literal["redact", "flag", "drop", "off"] = Field(
+
+class PIISpec(Section):
+    """Personal data in medical and legal sources, to the HIPAA Safe Harbor list (45 CFR 164.514(b)(2)) plus European ids: found by
+    the detectors table (docs/pii.md: patterns with checksums where an id has one), and bare names by a spaCy pipeline when one is
+    installed (`pip install 'finetune[pii]'`)."""
+
+    action: Literal["redact", "pseudonymize", "flag", "drop", "off"] = Field(
         "redact",
-        description="`redact`: replace each finding with a placeholder ([EMAIL], [PHONE] ...); `flag`: keep the text, report the rows "
-        "(publish then refuses without --force); `drop`: remove the rows; `off`: no scan.",
+        description="`redact`: replace each finding with its kind ([NAME], [PHONE] ...); `pseudonymize`: with a numbered placeholder that "
+        "stays the same for the same value across rows ([NAME_1] ... [NAME_1]), so a conversation about one patient stays coherent (the "
+        "mapping lives in memory only and is never written); `flag`: keep the text, report the rows (publish then refuses without --force); "
+        "`drop`: remove the rows; `off`: no scan.",
     )
-    kinds: list[Literal["email", "phone", "ssn", "record_id", "date_of_birth", "name"]] = Field(
-        ["email", "phone", "ssn", "record_id", "date_of_birth", "name"], description="What to look for."
+    kinds: list[Literal[PII_KINDS]] = Field(  # type: ignore[valid-type]
+        list(PII_KINDS), description="What to look for (docs/pii.md has each kind's patterns, examples and what it leaves alone)."
     )
+    ner: str = Field(
+        "auto",
+        description="Names without a title or label: `auto` uses the first installed spaCy pipeline with an NER component "
+        "(en_core_web_trf, _lg, _md, _sm first), `off` uses none, or a pipeline's package name or folder. Which ran is recorded in "
+        "provenance.json and the data card.",
+    )
+    rejects: Literal["keep", "redacted"] = Field(
+        "keep",
+        description="rejects.jsonl keeps every removed row as it was read, so nothing is lost (`keep`); `redacted` writes removed rows "
+        "redacted like the training rows instead (the personal data of dropped and duplicate rows is then gone from the build).",
+    )
+
+    @field_validator("kinds", mode="before")
+    @classmethod
+    def _renamed_kinds(cls, v: Any) -> Any:
+        return [_PII_RENAMED.get(k, k) for k in v] if isinstance(v, list) else v
 
 
 class DecontaminateSpec(Section):

@@ -161,8 +161,12 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     if splits:
         lines += ["", f"{splits['train']['n']} training and {splits['val']['n']} validation examples; {prov['rejected']} rows rejected."]
     pii = prov.get("quality", {}).get("pii")
-    if pii and pii.get("rows"):
-        lines += [f"Personal data: {pii['rows']} rows with findings ({pii['action']})."]
+    if pii and pii.get("action") not in (None, "off"):
+        found = ", ".join(f"{k} {v}" for k, v in sorted(pii.get("findings", {}).items())) or "none"
+        lines += [f"Personal data ({pii['action']}): {pii['rows']} training-set rows had findings ({found}). "
+                  f"Names: {pii.get('names', 'by title or label only')}. The data card (datacard.md) has the details."]
+    elif pii:
+        lines += ["Personal data: not scanned (data.quality.pii.action: off)."]
     if check:
         lines += ["", "## Merge check", "",
                   f"Merged into the {check.base} base and saved as {check.saved_dtype}. On {check.probes} probe rows the adapter "

@@ -1,4 +1,4 @@
-"""`finetune data build|validate|stats|synth`: the data_prep package from the command line. Importing this module
+"""`finetune data build|validate|stats|scan|synth`: the data_prep package from the command line. Importing this module
 must not import torch (a local teacher imports it when used)."""
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE",
           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default built/<name>/).")] = None,
           set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
                                                             help="Override a value: --set quality.dedupe=exact (repeatable).")] = None,
-          tokenizer: TokOpt = None, progress: ProgressOpt = True) -> None:
+          tokenizer: TokOpt = None, progress: ProgressOpt = True,
+          rejects: Annotated[Optional[str], typer.Option("--rejects", metavar="keep|redacted",
+                                                         help="rejects.jsonl reasons as written (keep) or scanned for personal data and "
+                                                              "redacted (redacted); default: quality.pii.rejects.")] = None) -> None:
     """Build an instruction set: train.jsonl, val.jsonl, rejects.jsonl, provenance.json, datacard.md, lengths.png."""
     from pydantic import ValidationError
 
@@ -107,6 +110,11 @@ def build(spec: Annotated[Path, typer.Argument(metavar="SPEC_OR_RECIPE",
         bspec = BuildSpec.model_validate(data)
     except ValidationError as e:
         raise DataError(explain(e, str(spec), BuildSpec, "data spec")) from None
+    if rejects is not None:
+        if rejects not in ("keep", "redacted"):
+            raise DataError(f"--rejects {rejects!r}: keep or redacted")
+        pii = bspec.quality.pii.model_copy(update={"rejects": rejects})
+        bspec = bspec.model_copy(update={"quality": bspec.quality.model_copy(update={"pii": pii})})
     tok_name = tokenizer or bspec.tokenizer
     counter = _token_counter(tok_name, bspec.template, bspec.system_prompt)
     built = run_build(bspec, base_dir, out or Path("built") / bspec.name, token_len=counter, tokenizer_name=tok_name, progress=progress,
@@ -159,15 +167,74 @@ def validate(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data f
         raise typer.Exit(2)
 
 
+def _mapped(adapter, field, fmt) -> bool:
+    return bool(adapter or field or fmt != "auto")
+
+
+def _echo_profile(file: Path, prof: dict[str, Any]) -> None:
+    typer.echo(f"{file}: {prof['rows']} rows" + (f", {prof['invalid']} unreadable" if prof["invalid"] else ""))
+    for name, c in prof["columns"].items():
+        kinds = "/".join(c["types"])
+        line = f"  {name}: {kinds}, filled {c['fill_rate']:.0%}"
+        if "words" in c:
+            w, ch = c["words"], c["chars"]
+            line += f"; words mean {w['mean']}, median {w['median']}, p95 {w['p95']}, max {w['max']} ({ch['mean']} chars on average)"
+        if "values" in c:
+            line += "; values " + ", ".join(f"{k!r} {v}" for k, v in c["values"].items())
+        elif "distinct" in c:
+            line += f"; {c['distinct']} distinct"
+        if "keys" in c:
+            line += f"; keys {', '.join(c['keys'])}"
+        typer.echo(line)
+    for h in prof["hints"]:
+        typer.echo(f"  looks like {h}")
+
+
 @app.command()
 def stats(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
           field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", tokenizer: TokOpt = None,
           png: Annotated[Optional[Path], typer.Option("--png", help="Write a length histogram here.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:
-    """Counts, lengths, duplicates, personal-data findings and label balance of a data file."""
+    """Any file: rows, columns with types, fill rates and text lengths. With a mapping (--adapter, --field, --format) or a file
+    already in a layout finetune reads: also counts, lengths, duplicates, personal-data findings and label balance as finetune reads it."""
+    from data_prep.profile import profile, read_raw
+
+    result: dict[str, Any] = {"file": str(file)}
+    if not _mapped(adapter, field, fmt):
+        result["raw"] = profile(read_raw(file, reader))
+    try:
+        result["mapped"] = _mapped_stats(file, adapter, option, field, fmt, reader, tokenizer, png, progress)
+    except DataError as e:
+        if _mapped(adapter, field, fmt):
+            raise
+        result["mapped"] = None
+        result["mapping_needed"] = str(e)
+    if as_json:
+        flat = {**result, **(result["mapped"] or {})}  # `finetune data stats F --adapter A --json` keeps its keys at the top
+        flat.pop("mapped")
+        typer.echo(json.dumps(flat, indent=2, ensure_ascii=False))
+        return
+    if "raw" in result:
+        _echo_profile(file, result["raw"])
+    m = result["mapped"]
+    if m is None:
+        typer.echo(f"  as finetune reads it: needs a mapping ({result['mapping_needed'].split(': ', 1)[-1]})")
+        return
+    L = m["lengths"]
+    typer.echo(f"{file} as finetune reads it: {m['rows_read']} rows read, {m['valid']} valid, {m['invalid']} invalid; layouts {m['layouts']}")
+    if L["n"]:
+        typer.echo(f"  length ({m['length_unit']}): mean {L['mean']}, min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}")
+    typer.echo(f"  with input: {m['with_input']}; exact duplicates: {m['exact_duplicates']}")
+    pii = m["pii"]
+    typer.echo(f"  personal data: {pii['rows']} rows ({', '.join(f'{k} {v}' for k, v in sorted(pii['findings'].items())) or 'none'})")
+    if m["labels"]:
+        typer.echo("  outputs: " + ", ".join(f"{k!r} {v}" for k, v in m["labels"].items()))
+
+
+def _mapped_stats(file, adapter, option, field, fmt, reader, tokenizer, png, progress) -> dict[str, Any]:
     from data_prep.datacard import histogram, lengths
     from data_prep.formats import normalised_hash, row_texts
-    from data_prep.quality.pii import PATTERNS, scan_row
+    from data_prep.quality.pii import Scanner
 
     loaded = _read(file, adapter, option, field, fmt, reader, progress)
     rows = loaded.rows
@@ -177,31 +244,70 @@ def stats(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file
     hashes = Counter(normalised_hash(r) for r in rows)
     pii: Counter = Counter()
     pii_rows = 0
-    kinds = {k for k, _, _ in PATTERNS}
-    for r in rows:
-        _, found = scan_row(r, kinds)
+    for _, found in Scanner().scan_rows(rows):
         pii.update(found.counts)
         pii_rows += bool(found)
     layouts = Counter("messages" if "messages" in r else "text" if "text" in r else "alpaca" for r in rows)
     outputs = Counter(r["output"].strip() for r in rows if "output" in r)
     labels = dict(outputs.most_common(20)) if rows and len(outputs) <= 20 else None  # a classification set: show its balance
-    result = {"file": str(file), "rows_read": loaded.read, "valid": len(rows), "invalid": len(loaded.rejects), "layouts": dict(layouts),
-              "with_input": sum(1 for r in rows if r.get("input")), "exact_duplicates": sum(n - 1 for n in hashes.values()),
-              "length_unit": unit, "lengths": {k: v for k, v in lens.items() if k != "values"},
-              "pii": {"rows": pii_rows, "findings": dict(pii)}, "labels": labels}
     if png:
         histogram(png, {"train": lens, "val": lengths([]), "unit": unit}, f"{file.name}: lengths")
+    return {"rows_read": loaded.read, "valid": len(rows), "invalid": len(loaded.rejects), "layouts": dict(layouts),
+            "with_input": sum(1 for r in rows if r.get("input")), "exact_duplicates": sum(n - 1 for n in hashes.values()),
+            "length_unit": unit, "lengths": {k: v for k, v in lens.items() if k != "values"},
+            "pii": {"rows": pii_rows, "findings": dict(pii)}, "labels": labels}
+
+
+KindsOpt = Annotated[Optional[list[str]], typer.Option("--kind", help="Only these kinds (repeatable); default all (docs/pii.md).")]
+
+
+@app.command()
+def scan(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file or folder.")], adapter: AdapterOpt = None, option: OptionOpt = None,
+         field: FieldOpt = None, fmt: FormatOpt = "auto", reader: ReaderOpt = "auto", kind: KindsOpt = None,
+         ner: Annotated[str, typer.Option("--ner", help="auto (an installed spaCy pipeline), off, or a pipeline's name or folder.")] = "auto",
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:
+    """Personal data in a file, per kind: how many findings, in which columns and rows (row numbers, never the values).
+    Without a mapping every string of every row is read; with one (--adapter, --field, --format), the fields finetune trains on."""
+    from data_prep.profile import ROWS_SHOWN, read_raw, scan_raw
+    from data_prep.quality.pii import KINDS, Scanner
+    from data_prep.quality.pii.ner import load as load_ner
+    from data_prep.schema import did_you_mean
+
+    for k in kind or []:
+        if k not in KINDS:
+            close = did_you_mean(k, list(KINDS))
+            raise DataError(f"--kind {k!r} is not a kind of personal data{f'; did you mean {close!r}?' if close else ''} (kinds: {', '.join(KINDS)})")
+    recogniser, ner_line = load_ner(ner)
+    scanner = Scanner(kind or KINDS, "redact", recogniser)
+    if _mapped(adapter, field, fmt):
+        loaded = _read(file, adapter, option, field, fmt, reader, progress)
+        counts: Counter = Counter()
+        rows_of: dict[str, list[int]] = {}
+        n_rows: Counter = Counter()
+        for r, (_, found) in zip(loaded.rows, scanner.scan_rows(loaded.rows)):
+            counts.update(found.counts)
+            for k in found.counts:
+                n_rows[k] += 1
+                if len(rows_of.setdefault(k, [])) < ROWS_SHOWN:
+                    rows_of[k].append(r["_row"])
+        result = {"rows": len(loaded.rows), "invalid": len(loaded.rejects), "rows_with_findings": None,
+                  "kinds": {k: {"findings": counts[k], "rows": n_rows[k], "columns": None, "row_numbers": rows_of[k]}
+                            for k in sorted(counts, key=lambda k: -counts[k])}}
+    else:
+        result = scan_raw(read_raw(file, reader), scanner)
+    result = {"file": str(file), **result, "names": ner_line if recogniser else f"titles, labels and role words only ({ner_line})"}
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    L = result["lengths"]
-    typer.echo(f"{file}: {loaded.read} rows read, {len(rows)} valid, {len(loaded.rejects)} invalid; layouts {dict(layouts)}")
-    if L["n"]:
-        typer.echo(f"  length ({unit}): mean {L['mean']}, min {L['min']}, median {L['median']}, p95 {L['p95']}, max {L['max']}")
-    typer.echo(f"  with input: {result['with_input']}; exact duplicates: {result['exact_duplicates']}")
-    typer.echo(f"  personal data: {pii_rows} rows ({', '.join(f'{k} {v}' for k, v in sorted(pii.items())) or 'none'})")
-    if labels:
-        typer.echo("  outputs: " + ", ".join(f"{k!r} {v}" for k, v in labels.items()))
+    with_findings = result["rows_with_findings"]
+    typer.echo(f"{file}: {result['rows']} rows scanned" + (f", {with_findings} with personal data" if with_findings is not None else ""))
+    if not result["kinds"]:
+        typer.echo("  no personal data found")
+    for k, v in result["kinds"].items():
+        where = f" in {', '.join(v['columns'])}" if v["columns"] else ""
+        more = " …" if v["rows"] > len(v["row_numbers"]) else ""
+        typer.echo(f"  {k}: {v['findings']} findings in {v['rows']} rows{where} (rows {', '.join(map(str, v['row_numbers']))}{more})")
+    typer.echo(f"  names: {result['names']}")
 
 
 TeacherOpt = Annotated[str, typer.Option("--teacher", help="OpenAI-compatible endpoint (http://HOST:PORT/v1) or local:PATH (a transformers model).")]

@@ -223,7 +223,7 @@ PLANTED = {
     "phone": "Call the ward on (555) 201-7788 before discharge.",
     "ssn": "Her SSN 123-45-6789 appears on the intake form.",
     "record_id": "Patient seen under MRN: 00483921 last week.",
-    "date_of_birth": "DOB: 04/12/1961, admitted for chest pain.",
+    "date": "DOB: 04/12/1961, admitted for chest pain.",
     "name": "Dr. Helena Marsh reviewed the chart.",
 }
 
@@ -240,7 +240,7 @@ def test_planted_pii_is_redacted_and_reported_without_text(tmp_path):
     written = (out / "train.jsonl").read_text() + (out / "provenance.json").read_text() + (out / "datacard.md").read_text()
     for kind, text in PLANTED.items():
         secret = {"email": "jane.roe@example.org", "phone": "201-7788", "ssn": "123-45-6789", "record_id": "00483921",
-                  "date_of_birth": "04/12/1961", "name": "Helena Marsh"}[kind]
+                  "date": "04/12/1961", "name": "Helena Marsh"}[kind]
         assert secret in text and secret not in written, kind
         assert f"[{kind.upper()}]" in (out / "train.jsonl").read_text()
     # flag keeps the text and lists the rows; drop removes them
@@ -252,7 +252,7 @@ def test_pii_patterns_leave_ordinary_numbers_alone():
     from data_prep.quality.pii import scan
 
     text = "She sold 48/2 = <<48/2=24>>24 clips in 2011-2012; a 3-4-5 triangle; 1,000,000 dollars at 12:30; medical record review."
-    redacted, found = scan(text, {"email", "phone", "ssn", "record_id", "date_of_birth", "name"})
+    redacted, found = scan(text)
     assert redacted == text and not found.counts
 
 
@@ -356,8 +356,10 @@ def test_gsm8k_build_counts(shared_datasets, tmp_path):
     assert (b.train, b.val) == (7462 - 373, 373)  # val_fraction 0.05 of 7,462, capped by val_max 1000
     first = json.loads((tmp_path / "out/train.jsonl").read_text().splitlines()[0])
     assert first["output"].endswith("\\boxed{72}") and first["row"] == 1
-    # GSM8K's word problems name people by title ("Mr. Sanchez"): flagged, not removed
-    assert prov["quality"]["pii"]["rows"] > 0 and set(prov["quality"]["pii"]["findings"]) == {"name"}
+    # GSM8K's word problems name people by title ("Mr. Sanchez") and have a 92-year-old (an age over 89 is an
+    # identifier under Safe Harbor): flagged, not removed. Arithmetic ("3*30=90 years old") is not an age.
+    assert prov["quality"]["pii"]["rows"] > 0 and set(prov["quality"]["pii"]["findings"]) == {"name", "age"}
+    assert prov["quality"]["pii"]["findings"]["age"] == 1
 
 
 def test_pubmedqa_build_counts(shared_datasets, tmp_path):
