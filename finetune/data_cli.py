@@ -210,9 +210,9 @@ def stats(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file
         result["mapped"] = None
         result["mapping_needed"] = str(e)
     if as_json:
-        flat = {**result, **(result["mapped"] or {})}  # `finetune data stats F --adapter A --json` keeps its keys at the top
-        flat.pop("mapped")
-        typer.echo(json.dumps(flat, indent=2, ensure_ascii=False))
+        if _mapped(adapter, field, fmt):  # with a mapping, the keys stay at the top as before
+            result = {"file": result["file"], **result["mapped"]}
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     if "raw" in result:
         _echo_profile(file, result["raw"])

@@ -68,7 +68,7 @@ VIN = vin("2HGFA16508H300412")
 IMEI = "35209900176148" + luhn_digit("35209900176148")
 
 PLANTED: list[tuple[str, str, list[str]]] = [
-    ("name", "Mrs. Siobhan O'Hara", ["Siobhan", "O'Hara"]),
+    ("name", "Mrs. Saoirse O'Hara", ["Saoirse", "O'Hara"]),
     ("name", "Dr Ioana Popescu-Vlad", ["Ioana", "Popescu-Vlad"]),
     ("name", "Judge Pieter van der Merwe", ["Pieter", "Merwe"]),
     ("name", "CLIENT: MARGARET O'NEILL", ["MARGARET", "O'NEILL"]),
@@ -84,9 +84,9 @@ PLANTED: list[tuple[str, str, list[str]]] = [
     ("date", "admitted to the cardiac unit on 14/02/2022", ["14/02/2022"]),
     ("date", "date of discharge: 21 February 2022", ["21 February 2022"]),
     ("date", "she died on July 4th, 2020", ["July 4th, 2020"]),
-    ("age", "a 94 year old widow", ["94"]),
-    ("age", "aged 103", ["103"]),
-    ("age", "96yo male", ["96"]),
+    ("age", "a 94 year old widow", ["94 year"]),
+    ("age", "aged 103", ["aged 103"]),
+    ("age", "96yo male", ["96yo"]),
     ("ssn", "219 09 9999", ["219 09 9999"]),
     ("ssn", "SSN 078-05-1120", ["078-05-1120"]),
     ("ssn", "social security number: 219099999", ["219099999"]),
@@ -98,7 +98,7 @@ PLANTED: list[tuple[str, str, list[str]]] = [
     ("phone", "(212) 555-0198", ["555-0198"]),
     ("phone", "Tel: 0161 496 0754", ["0161 496 0754"]),
     ("phone", "+49 30 901820", ["30 901820"]),
-    ("email", "siobhan.ohara@mail.example.com", ["siobhan.ohara@mail.example.com"]),
+    ("email", "saoirse.ohara@mail.example.com", ["saoirse.ohara@mail.example.com"]),
     ("url", "https://records.example-hospital.org/patient/448213/notes", ["448213", "records.example-hospital.org"]),
     ("url", "www.example-firm.com/clients/8812", ["example-firm.com", "8812"]),
     ("ip", "203.0.113.77", ["203.0.113.77"]),

@@ -51,17 +51,30 @@ def _resolve(candidates: list[tuple[int, int, str, int]]) -> list[Span]:
 
 def find(text: str, kinds: set[str], persons: Iterable[tuple[int, int]] = ()) -> list[Span]:
     """Every finding in `text` (non-overlapping, in order). `persons`: spans an NER pipeline found."""
-    t = Text.of(text)
-    candidates = [(s, e, d.kind, i) for i, d in enumerate(ACTIVE) if d.kind in kinds for s, e in d.find(t)]
-    if "name" in kinds:
-        candidates += [(s, e, "name", len(ACTIVE)) for s, e in persons]
-    spans = _resolve(candidates)
-    if "name" in kinds:
-        found = [text[sp.start:sp.end] for sp in spans if sp.kind == "name"]
-        later = [(s, e, "name", len(ACTIVE) + 1) for s, e, _ in names.follow(text, found)]
-        if later:
-            spans = _resolve([(sp.start, sp.end, sp.kind, 0) for sp in spans] + later)
-    return spans
+    return find_related([text], kinds, [persons])[0]
+
+
+def find_related(texts: list[str], kinds: set[str], persons: list[Iterable[tuple[int, int]]] | None = None) -> list[list[Span]]:
+    """The findings of texts that belong together (the fields of one row): a name found in one is also looked for,
+    part by part, in the others ("Mrs. Siobhan O'Hara" in the input, "O'Hara" alone in the output)."""
+    persons = persons or [() for _ in texts]
+    found = []
+    for text, people in zip(texts, persons):
+        t = Text.of(text)
+        candidates = [(s, e, d.kind, i) for i, d in enumerate(ACTIVE) if d.kind in kinds for s, e in d.find(t)]
+        if "name" in kinds:
+            candidates += [(s, e, "name", len(ACTIVE)) for s, e in people]
+        found.append(_resolve(candidates))
+    if "name" not in kinds:
+        return found
+    name_values = [text[sp.start:sp.end] for text, spans in zip(texts, found) for sp in spans if sp.kind == "name"]
+    if not name_values:
+        return found
+    out = []
+    for text, spans in zip(texts, found):
+        later = [(s, e, "name", len(ACTIVE) + 1) for s, e, _ in names.follow(text, name_values)]
+        out.append(_resolve([(sp.start, sp.end, sp.kind, 0) for sp in spans] + later) if later else spans)
+    return out
 
 
 def row_fields(row: dict[str, Any]) -> list[tuple[str, int | None]]:
@@ -120,13 +133,18 @@ class Scanner:
         out.append(text[pos:])
         return "".join(out)
 
-    def scan_texts(self, texts: list[str]) -> list[tuple[str, Counter]]:
-        """Each text redacted (or pseudonymised), with its findings by kind."""
-        persons = self.ner.persons(texts) if self.ner is not None and "name" in self.kinds else ([] for _ in texts)
-        out = []
-        for text, people in zip(texts, persons):
-            spans = find(text, self.kinds, people)
-            out.append((self.redact(text, spans) if spans else text, Counter(sp.kind for sp in spans)))
+    def scan_texts(self, texts: list[str], groups: list[int] | None = None) -> list[tuple[str, Counter]]:
+        """Each text redacted (or pseudonymised), with its findings by kind. `groups`: how many consecutive texts
+        belong together (one row's fields), for names found in one and used alone in another; default one each."""
+        if self.ner is not None and "name" in self.kinds:
+            persons = list(self.ner.persons(texts))
+        else:
+            persons = [() for _ in texts]
+        out, i = [], 0
+        for n in groups or [1] * len(texts):
+            for text, spans in zip(texts[i:i + n], find_related(texts[i:i + n], self.kinds, persons[i:i + n])):
+                out.append((self.redact(text, spans) if spans else text, Counter(sp.kind for sp in spans)))
+            i += n
         return out
 
     def scan_rows(self, rows: list[dict[str, Any]], batch: int = 256) -> Iterator[tuple[dict[str, Any], Findings]]:
@@ -134,7 +152,8 @@ class Scanner:
         for b in range(0, len(rows), batch):
             chunk = rows[b:b + batch]
             fields = [row_fields(r) for r in chunk]
-            results = iter(self.scan_texts([_get(r, f) for r, fs in zip(chunk, fields) for f in fs]))
+            texts = [_get(r, f) for r, fs in zip(chunk, fields) for f in fs]
+            results = iter(self.scan_texts(texts, [len(fs) for fs in fields]))
             for r, fs in zip(chunk, fields):
                 out, found = dict(r), Findings()
                 if "messages" in r:

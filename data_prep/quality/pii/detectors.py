@@ -4,7 +4,7 @@ The reference is the HIPAA Safe Harbor list (45 CFR 164.514(b)(2)) plus the Euro
 data arrives in. Each row is a `Detector`: a pattern (or a finder), the group holding the personal value, a
 check (a checksum where the identifier has one, so sums and citations are not taken for ids), examples with the
 value between « », and texts it must not touch. tests/test_pii.py runs every example and every counter-example;
-docs/pii.md is this table rendered (`python -m data_prep.quality.pii.detectors` prints it).
+docs/pii.md is this table rendered (`python -m data_prep.quality.pii` prints it).
 
 Not covered, because text cannot carry them or no pattern can tell them apart: biometric identifiers, full-face
 photographs, and bare personal names without a title, label or role word (those need an NER model: ner.py).
@@ -132,8 +132,8 @@ class Detector:
         for m in self.pattern.finditer(text):
             g = next((n for n in self.pattern.groupindex if n.startswith("v") and m.start(n) >= 0), 0)
             s, e = m.span(g)
-            while e > s and text[e - 1] in ".,;:!?)]'\"" and (self.kind == "url" or text[e - 1] != ")" or "(" not in text[s:e]):
-                e -= 1
+            while self.kind == "url" and e > s and text[e - 1] in ".,;:!?)]'\"" and (text[e - 1] != ")" or "(" not in text[s:e]):
+                e -= 1  # a URL ends before the sentence's punctuation (a closing parenthesis it opened stays)
             if e <= s or (self.valid and not self.valid(text[s:e])):
                 continue
             if self.not_after is not None and self.not_after.search(text[max(0, s - 12):s]):
@@ -164,9 +164,9 @@ DETECTORS: list[Detector] = [
     Detector("address", "a street address: number, street name, street type, optional unit, city, state and ZIP",
              re.compile(rf"(?<![\w.])\d{{1,6}}[A-Za-z]?(?: [NSEW]\.?)?(?: (?:[A-Z][a-z'’.-]+|\d+(?:st|nd|rd|th))){{1,4}} {_STREET_TYPE}\b\.?"
                         rf"(?:,? (?:Apt|Apartment|Suite|Ste|Unit|Flat|#)\.? ?[A-Z0-9-]+)?(?:, {_CITY})?"
-                        rf"(?:,? (?:{_STATES}|{_STATE_NAMES})(?: \d{{5}}(?:-\d{{4}})?)?)?"),
+                        rf"(?:, (?:{_STATES}|{_STATE_NAMES})(?: \d{{5}}(?:-\d{{4}})?)?)?"),
              cased=tuple(" " + t for t in _STREET_TYPE.strip("(?:)").split("|")),
-             examples=("lives at «1427 Maple Grove Road, Springfield, IL 62704» with", "«22 Baker Street, Apt 4B», London",
+             examples=("lives at «1427 Maple Grove Road, Springfield, IL 62704» with", "«22 Baker Street, Apt 4B, London»",
                        "«10 W. Elm St.» is"),
              not_matched=("410 U.S. 113", "3 Supreme Court justices", "the 2 Main findings", "Part 5 Road Safety Act")),
     Detector("address", "a French street address (rue, avenue, boulevard, place ...), with its postcode and city when given",
@@ -179,20 +179,20 @@ DETECTORS: list[Detector] = [
              re.compile(r"\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|weg|platz|allee|gasse) \d{1,4}[a-z]?(?:, \d{5} [A-ZÄÖÜ][a-zäöüß]+)?"),
              needs=("straße", "strasse", "weg ", "platz", "allee", "gasse"),
              examples=("wohnt «Lindenstraße 5, 10115 Berlin»",), not_matched=("die Straße 5", "During 2001, patients")),
-    Detector("address", "a city with a US state and ZIP code (Springfield, IL 62704; Austin, Texas 78701)",
-             re.compile(rf"\b{_CITY},? (?:{_STATES}|{_STATE_NAMES}) \d{{5}}(?:-\d{{4}})?\b"), requires=("zip",),
+    Detector("address", "a city, a comma, a US state and a ZIP code (Springfield, IL 62704; Austin, Texas 78701)",
+             re.compile(rf"\b{_CITY}, (?:{_STATES}|{_STATE_NAMES}) \d{{5}}(?:-\d{{4}})?\b"), requires=("zip",),
              examples=("moved to «Austin, Texas 78701» in", "«Portland, OR 97205-1234»"),
-             not_matched=("Texas v. Johnson, 491 U.S. 397", "New York 1990")),
+             not_matched=("Texas v. Johnson, 491 U.S. 397", "New York 1990", "Room ID 12345")),
     Detector("address", "a ZIP or postal code after its label",
              _labelled(r"zip code|postcode|postal code|code postal", strict=r"zip", value=r"(?P<v>\d{5}(?:-\d{4})?|[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2})"),
              needs=("zip", "post", "code postal"), examples=("ZIP: «90210»", "code postal «75011»"), not_matched=("zip it",)),
     Detector("address", "a UK postcode (outward and inward parts, space required)",
              re.compile(r"\b[A-PR-UWYZ][A-HK-Y]?\d[A-Z\d]? \d[ABD-HJLNP-UW-Z]{2}\b"),
              requires=("code",), examples=("Leeds «LS1 4AP»", "«SW1A 2AA»"), not_matched=("CD4 count", "M1 motorway", "A1 2B")),
-    Detector("address", "an address after its label, when it holds a number",
-             re.compile(r"(?<![\w])(?:(?i:address|home address|adresse)[ \t]*:|(?i:residing at|resides at|lives at))[ \t]*"
+    Detector("address", "an address after its label and a colon, to the end of the line, when it holds a number",
+             re.compile(r"(?<![\w])(?i:address|home address|adresse)[ \t]*:[ \t]*"
                         r"(?P<v>(?=[^\n;]{0,60}\d)[^\n;]{4,80}?)(?=\.?\n|;|\.?$|\. [A-Z])"),
-             needs=("address", "adresse", "resid", "lives at"), examples=("Address: «Flat 3, Rose Court, Leeds LS2 9JT»\n",),
+             needs=("address", "adresse"), examples=("Address: «Flat 3, Rose Court, Leeds LS2 9JT»\n",),
              not_matched=("address the court on appeal", "their address. In all, 129 patients")),
     # ---- dates tied to a person
     Detector("date", "a date after a birth, death, admission, discharge, service or visit label (DOB, born, date of death, admitted ...)",
@@ -345,6 +345,3 @@ def markdown_table() -> str:
         rows.append(f"| {d.kind} | {d.what} | {cell(d.examples)} | {cell(d.not_matched)} |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(markdown_table())
