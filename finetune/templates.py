@@ -143,20 +143,26 @@ def adds_bos(tok) -> bool:
 def row_encoder(tok, template: str, system_prompt: str | None = None):
     """`encode` for the data build: a row's encoding is cached on the row (the length check and the tokenising step
     share it); a row the template cannot render is a RowError (rejected, the build goes on); a tokenizer that cannot
-    render any row (no chat template, no EOS) is a DataError (the build stops with one message)."""
+    render any row (no chat template, no EOS) is a DataError (the build stops with one message).
+
+    The cache holds the texts it was computed from and is used only while the row still has them: the PII step
+    runs between the length check and the tokenising, and a redacted copy of a row carries the cache of the raw
+    text (trusting it trained on the personal data the build had removed from train.jsonl)."""
     from data_prep.errors import DataError, RowError
+    from data_prep.formats import row_texts
 
     def enc(row: dict[str, Any]) -> Encoded:
+        texts = row_texts(row)
         cached = row.get("_enc")
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] == texts:
+            return cached[1]
         try:
             out = encode(tok, row, template, system_prompt)
         except TokenizerUnfit as e:
             raise DataError(f"data.template: {e}") from None
         except TemplateError as e:
             raise RowError(str(e)) from None
-        row["_enc"] = out
+        row["_enc"] = (texts, out)
         return out
 
     return enc

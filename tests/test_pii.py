@@ -185,6 +185,27 @@ def test_reject_reasons_quoting_a_value_are_redacted_on_request(tmp_path):
     assert got.rejects[0]["reason"] == "duplicate id '[EMAIL]' (first at row 1)"
 
 
+def test_training_tokens_are_encoded_from_the_redacted_rows(tmp_path):
+    """The length check encodes rows before the PII step; the tokens a run trains on must come from the redacted text
+    (a cache of the raw text's encoding once travelled with the redacted copy: train.jsonl said [NAME], the tokens
+    said O'Hara)."""
+    from finetune.smoke import build_tokenizer
+    from finetune.templates import row_encoder
+
+    rows = [{"instruction": "Summarise the note.", "input": f"Mrs. Saoirse O'Hara (MRN 7734-229{i}) was seen on ward {i}.",
+             "output": "Seen."} for i in range(6)]
+    jsonl(tmp_path / "d.jsonl", rows)
+    tok = build_tokenizer([r["input"] for r in rows] + ["Below is an instruction", "### Response:"])
+    enc = row_encoder(tok, "alpaca")
+    got = collect(spec(sources=[{"path": "d.jsonl"}], quality={"dedupe": "none"}), tmp_path, token_len=lambda r: len(enc(r).input_ids))
+    assert len(got.rows) == 6
+    for r in got.rows:
+        assert "O'Hara" not in r["input"]
+        trained_on = tok.decode(enc(r).input_ids)
+        assert "[NAME]" in trained_on and "[RECORD_ID]" in trained_on
+        assert "O'Hara" not in trained_on and "Saoirse" not in trained_on and "7734" not in trained_on, trained_on
+
+
 # --------------------------------------------------------------------------------------------------
 # Pseudonyms
 
@@ -359,3 +380,35 @@ def test_scan_lists_kinds_columns_and_rows_never_values(tmp_path):
     assert "phone: 1 findings in 1 rows in messages[].content (rows 2)" in text.stdout
     bad = _cli("scan", tmp_path / "chat.jsonl", "--kind", "phon", cwd=tmp_path)
     assert bad.returncode == 2 and "did you mean 'phone'?" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole run: nothing planted survives anywhere in the run folder (logs, card, tokenizer, eval items, hub copy)
+
+
+@pytest.mark.slow
+def test_smoke_run_on_planted_samples_leaves_no_value_in_any_file(shared_datasets, tmp_path):
+    rows, _ = plant(shared_datasets)
+    for r in rows:  # answers as varied as the notes (a stand-in tokenizer learnt from 208 identical answers merges across the prompt)
+        r["output"] = "In short: " + " ".join(r["input"].split()[-6:])
+    samples = tmp_path / "planted.jsonl"
+    jsonl(samples, rows)
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(ROOT / "recipes" / "legal.yaml"), "--smoke", "--run-dir", str(run),
+                           "--set", f"samples.data={samples}", "--set", "data.quality.max_reject_rate=0.5"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    secrets = {s for _, _, ss in PLANTED for s in ss if len(s) >= 5}
+    checked = 0
+    for f in run.rglob("*"):
+        if not f.is_file() or f.suffix in (".safetensors", ".png", ".bin", ".pt", ".pth"):
+            continue
+        text = f.read_bytes().decode("utf-8", errors="replace")
+        checked += 1
+        leaked = [s for s in secrets if s in text]
+        assert not leaked, (f.relative_to(run), leaked)
+    assert checked > 20
+    for s in secrets:
+        assert s not in done.stdout + done.stderr
+    card = (run / "card" / "README.md").read_text()
+    assert "Personal data (redact): " in card and "Names: titles, labels and role words" in card
