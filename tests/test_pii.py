@@ -239,6 +239,17 @@ def test_pseudonyms_are_consistent_within_and_across_rows_and_never_written(tmp_
     assert "mapping was held in memory only and never written" in (outs[0] / "datacard.md").read_text()
 
 
+def test_a_value_found_in_one_field_is_personal_in_every_field_of_the_row():
+    row = {"instruction": "When was Mrs. Saoirse O'Hara admitted?", "input": "She was admitted on 14/02/2022 (MRN 7734-2291).",
+           "output": "O'Hara came in on 14/02/2022; chart 7734-2291; she took 5 mg on 14/02/2023."}
+    red, found = next(Scanner(action="pseudonymize").scan_rows([row]))
+    assert red["output"] == "[NAME_1] came in on [DATE_1]; chart [RECORD_ID_1]; she took 5 mg on 14/02/2023."
+    assert found.counts == Counter({"name": 2, "date": 2, "record_id": 2})
+    # the scope is the row: the same date in another row, with no event beside it, is not a finding
+    other = {"instruction": "Which date?", "input": "", "output": "14/02/2022"}
+    assert list(Scanner().scan_rows([row, other]))[1][0]["output"] == "14/02/2022"
+
+
 def test_pseudonym_numbers_follow_first_appearance_per_kind():
     s = Scanner(action="pseudonymize")
     out = [t for t, _ in s.scan_texts(["Dr Ann Lee and Dr Bo Chen", "Dr Bo Chen, then Dr Ann Lee, then Dr Cy Park"])]

@@ -55,8 +55,9 @@ def find(text: str, kinds: set[str], persons: Iterable[tuple[int, int]] = ()) ->
 
 
 def find_related(texts: list[str], kinds: set[str], persons: list[Iterable[tuple[int, int]]] | None = None) -> list[list[Span]]:
-    """The findings of texts that belong together (the fields of one row): a name found in one is also looked for,
-    part by part, in the others ("Mrs. Siobhan O'Hara" in the input, "O'Hara" alone in the output)."""
+    """The findings of texts that belong together (the fields of one row). A value found in one is personal wherever
+    it appears in the others: "admitted on 14/02/2022" in the input makes "14/02/2022" in the output a date too, and a
+    name is also looked for part by part ("Mrs. Siobhan O'Hara" in the input, "O'Hara" alone in the output)."""
     persons = persons or [() for _ in texts]
     found = []
     for text, people in zip(texts, persons):
@@ -65,14 +66,18 @@ def find_related(texts: list[str], kinds: set[str], persons: list[Iterable[tuple
         if "name" in kinds:
             candidates += [(s, e, "name", len(ACTIVE)) for s, e in people]
         found.append(_resolve(candidates))
-    if "name" not in kinds:
+    values = {text[sp.start:sp.end]: sp.kind for text, spans in zip(texts, found) for sp in spans}
+    if not values:
         return found
-    name_values = [text[sp.start:sp.end] for text, spans in zip(texts, found) for sp in spans if sp.kind == "name"]
-    if not name_values:
-        return found
+    name_values = [v for v, k in values.items() if k == "name"]
+    # Values of 4 characters or more: a 2-digit age ("94") found after "aged" is not personal in "94 mg".
+    exact = sorted((v for v, k in values.items() if k != "name" and len(v) >= 4), key=len, reverse=True)
+    again = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, exact)) + r")(?!\w)") if exact else None
     out = []
     for text, spans in zip(texts, found):
         later = [(s, e, "name", len(ACTIVE) + 1) for s, e, _ in names.follow(text, name_values)]
+        if again is not None:
+            later += [(m.start(), m.end(), values[m.group(0)], len(ACTIVE) + 1) for m in again.finditer(text)]
         out.append(_resolve([(sp.start, sp.end, sp.kind, 0) for sp in spans] + later) if later else spans)
     return out
 

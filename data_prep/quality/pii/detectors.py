@@ -132,8 +132,9 @@ class Detector:
         for m in self.pattern.finditer(text):
             g = next((n for n in self.pattern.groupindex if n.startswith("v") and m.start(n) >= 0), 0)
             s, e = m.span(g)
-            while self.kind == "url" and e > s and text[e - 1] in ".,;:!?)]'\"" and (text[e - 1] != ")" or "(" not in text[s:e]):
-                e -= 1  # a URL ends before the sentence's punctuation (a closing parenthesis it opened stays)
+            # A URL ends before the sentence's punctuation; any value ends before a closing parenthesis it did not open.
+            while e > s and ((self.kind == "url" and text[e - 1] in ".,;:!?]'\"") or (text[e - 1] == ")" and "(" not in text[s:e - 1])):
+                e -= 1
             if e <= s or (self.valid and not self.valid(text[s:e])):
                 continue
             if self.not_after is not None and self.not_after.search(text[max(0, s - 12):s]):
