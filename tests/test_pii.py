@@ -319,6 +319,18 @@ def test_ner_auto_uses_an_installed_pipeline(monkeypatch, ruler_pipeline):
         ner.load("en_core_web_sm")
 
 
+def test_ner_reads_a_long_document_in_pieces(ruler_pipeline):
+    import spacy
+
+    from data_prep.quality.pii.ner import PIECE, Ner
+
+    nlp = spacy.load(ruler_pipeline)
+    text = "word " * (PIECE // 4) + "Natalia met Weng. " + "more " * PIECE
+    assert len(text) > 5 * PIECE
+    [spans] = list(Ner(nlp, {}).persons([text]))
+    assert [text[s:e] for s, e in spans] == ["Natalia", "Weng"]
+
+
 def test_ner_named_but_missing_is_one_clear_error(tmp_path):
     pytest.importorskip("spacy")
     jsonl(tmp_path / "d.jsonl", [{"instruction": "x", "output": "y"}])

@@ -30,9 +30,30 @@ class Ner:
     info: dict[str, Any]
 
     def persons(self, texts: list[str]) -> Iterator[list[tuple[int, int]]]:
-        """For each text, the character spans of the people the pipeline names."""
-        for doc in self.nlp.pipe(texts, batch_size=64):
-            yield [(e.start_char, e.end_char) for e in doc.ents if e.label_ in PERSON_LABELS]
+        """For each text, the character spans of the people the pipeline names. A long text (a pretraining document)
+        goes through in pieces cut at whitespace: spaCy refuses texts over `nlp.max_length` (10^6 characters)."""
+        pieces, owners = [], []
+        for i, text in enumerate(texts):
+            for offset, piece in _pieces(text):
+                pieces.append(piece)
+                owners.append((i, offset))
+        out: list[list[tuple[int, int]]] = [[] for _ in texts]
+        for (i, offset), doc in zip(owners, self.nlp.pipe(pieces, batch_size=64)):
+            out[i] += [(offset + e.start_char, offset + e.end_char) for e in doc.ents if e.label_ in PERSON_LABELS]
+        yield from out
+
+
+PIECE = 100_000  # characters: well under spaCy's limit, and a trained pipeline's memory stays small
+
+
+def _pieces(text: str) -> Iterator[tuple[int, str]]:
+    start = 0
+    while len(text) - start > PIECE:
+        cut = text.rfind(" ", start + PIECE // 2, start + PIECE)
+        cut = cut if cut > start else start + PIECE
+        yield start, text[start:cut]
+        start = cut
+    yield start, text[start:]
 
 
 def _spacy():
