@@ -441,6 +441,26 @@ def chat(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run 
     run_chat(run_dir, max_new_tokens, temperature, use=use)
 
 
+@app.command()
+@guard
+def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a merged model that passed its check.")],
+           to: Annotated[str, typer.Option("--to", help="Format: gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+           dtype: Annotated[str, typer.Option("--dtype", help="f16, bf16 or q8_0 (norms stay float32).")] = "f16",
+           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/export/): absent, empty or an export.")] = None) -> None:
+    """Write the merged model as one GGUF file with an Ollama Modelfile, verified by loading it back through transformers'
+    GGUF reader (export_check.json); a failed check writes no model file and exits 1."""
+    from .export import export as run_export
+
+    _quiet_libraries()
+    check = run_export(run_dir, to, dtype, out)  # the check of this file
+    where = Path(out) if out is not None else Path(run_dir) / "export"
+    gap = check.get("vs_reference_max_abs_diff", check["vs_merged_max_abs_diff"])
+    typer.secho(f"[finetune] export: {check['file']} ({check['bytes'] / 1e6:.1f} MB, {check['dtype']}); logits within {gap:.2e} of "
+                f"{'the ' + check['dtype'] + '-rounded merged model' if 'reference' in check else 'the merged model'}; tokenizer, template and "
+                f"stop ids identical; {check['seconds']:.0f} s", err=True)
+    typer.echo(str(where / check["file"]))
+
+
 def _check_use(use: str) -> None:
     if use not in ("auto", "merged", "adapter"):
         raise UserError(f"--use {use!r}: choose auto, merged or adapter")

@@ -1,0 +1,326 @@
+"""`finetune export RUN_DIR --to gguf`: the verified merged model as one GGUF file (llama.cpp, Ollama, LM Studio),
+written with the `gguf` package (pure Python: no llama.cpp build), checked by loading it back through transformers'
+own GGUF reader, with an Ollama Modelfile beside it.
+
+What is written (RUN/export/ unless --out):
+- `<name>-<dtype>.gguf`: tensors renamed by gguf's own name map for the architecture; llama and mistral q/k
+  projections permuted to llama.cpp's rotary layout (the inverse of what transformers undoes on load); norms and other
+  1-D tensors in float32 as llama.cpp keeps them; 2-D weights in f16, bf16 or q8_0 (gguf quantizes Q8_0 itself). The
+  tokenizer (tokens, types, merges), BOS/EOS/pad/unk ids and the chat template come from the run's own tokenizer.
+- `<name>-<dtype>.Modelfile` (Ollama; modelfile.py): FROM, TEMPLATE, PARAMETER stop for every stop string, SYSTEM;
+  and `Modelfile`, a copy of the latest export's.
+- `export_check.json`: per GGUF file, what was compared and the result. A failed check refuses the export (exit 1, like a failed
+  merge): the GGUF is written under a temporary name and renamed only when the check passed.
+
+The check, on the merge stage's probe rows:
+- f16/bf16: the GGUF's logits (transformers' reader) against the merged model with its 2-D weights rounded to the same
+  dtype in torch, an independent computation of what the file should hold, within the float32 rounding tolerance
+  merge.derived_atol gives; the gap to the unrounded merged model is recorded too.
+- q8_0: the gap to the merged model's logits stays under Q8_0_SHARE of their largest magnitude, and greedy
+  continuations agree token for token wherever the merged model's top-2 margin is larger than twice that gap.
+- the tokenizer read back from the file encodes the probe prompts to the same ids, renders the chat template to the
+  same text, and has the same BOS, EOS, pad and stop ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import StageFailed, UserError
+from .run import RunDir
+
+# model_type -> (gguf architecture, q/k permuted to llama.cpp's rotary layout). Mistral is written as llama, as
+# llama.cpp's own converter does. Other families (mixtral's stacked experts, gemma's norms) are not mapped here yet.
+FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+DTYPES = ("f16", "bf16", "q8_0")
+# Q8_0 stores each block of 32 weights as int8 times one f16 scale (absmax / 127): a weight moves by at most half a
+# step, 0.4% of its block's largest. Summed over a model's layers the logits move by a few tenths of a percent to a
+# few percent of their largest value; 5% is the bound beyond which the file is not the model that was checked.
+Q8_0_SHARE = 0.05
+GREEDY_TOKENS = 8  # greedy continuation length compared per probe under q8_0
+
+
+class ExportFailed(StageFailed):
+    """The written file is not the merged model (exit 1); export_check.json says how."""
+
+
+def _permute(w, n_head: int):
+    """HF's q/k rows to llama.cpp's rotary layout (llama.cpp convert_hf_to_gguf's permute, which transformers reverses)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
+    """(the merged model's config, its family), or one clear message (cheap: no torch)."""
+    from .artifacts import MergeCheck
+
+    if not (run.merged / "config.json").is_file():
+        raise UserError(f"{run.root}: no merged model to export (RUN/merged); run `finetune merge {run.root}` first")
+    check = MergeCheck.read_if_present(run.merge_check)
+    if check is None or not check.passed:
+        raise UserError(f"{run.root}: the merged model did not pass its check (merge_check.json); a model that is not the adapter's is not exported")
+    config = json.loads((run.merged / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF yet; supported: {', '.join(FAMILIES)}")
+    tj = run.merged / "tokenizer.json"
+    model = json.loads(tj.read_text()).get("model", {}) if tj.is_file() else {}
+    pre = json.dumps(json.loads(tj.read_text()).get("pre_tokenizer")) if tj.is_file() else ""
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise UserError(f"{run.root}: the tokenizer is not a byte-level BPE (tokenizer.json model {model.get('type')!r}); GGUF export supports "
+                        "byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) so far, not SentencePiece ones")
+    return config, family
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+
+
+def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtype: str, name: str, merged_dir: Path) -> dict[str, int]:
+    """Write `model` (float32, from RUN/merged) and `tok` to `path`. Returns tensor counts by stored type."""
+    import gguf
+    import numpy as np
+
+    arch_name, permute = FAMILIES[family]
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    n_layer, n_head = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // n_head)
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    w.add_name(name)
+    w.add_context_length(int(config.get("max_position_embeddings", 4096)))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    if permute:
+        w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    # tokenizer: every id's token (added ones included), its type, the merges, special ids, chat template
+    n_vocab = max(len(tok), int(config.get("vocab_size", 0)))
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    special = set(tok.all_special_ids)
+    added = set(tok.get_added_vocab().values())
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+        else:  # embedding rows past the tokenizer (a vocabulary padded to a multiple of 64)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special_vocab = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=n_vocab)
+    if tok.chat_template and not special_vocab.chat_template:
+        special_vocab.chat_template = tok.chat_template
+    special_vocab.add_to_gguf(w)
+    names = gguf.get_tensor_name_map(arch, n_layer)
+    stored: dict[str, int] = {}
+    for hf_name, p in model.state_dict().items():
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue
+            raise UserError(f"export: no GGUF name for tensor {hf_name!r} of a {family} model")
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # llama.cpp uses token_embd for the output when there is no output.weight
+        data = p.detach().float().cpu().numpy()
+        if permute and hf_name.endswith("self_attn.q_proj.weight"):
+            data = _permute(data, n_head)
+        elif permute and hf_name.endswith("self_attn.k_proj.weight"):
+            data = _permute(data, n_kv)
+        if data.ndim == 1:
+            kind = "F32"
+            w.add_tensor(new, data.astype(np.float32))
+        elif dtype == "f16":
+            kind = "F16"
+            w.add_tensor(new, data.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType.BF16 if dtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+            if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+                kind = "F16"  # Q8_0 blocks are 32 wide: a row of another length stays f16
+                w.add_tensor(new, data.astype(np.float16))
+            else:
+                kind = qtype.name
+                q = gguf.quants.quantize(data, qtype)
+                w.add_tensor(new, q, raw_shape=q.shape, raw_dtype=qtype)
+        stored[kind] = stored.get(kind, 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def _rounded(model, dtype: str):
+    """The merged model with its 2-D weights rounded to the file's dtype: what an f16/bf16 GGUF should hold."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model)
+    to = torch.float16 if dtype == "f16" else torch.bfloat16
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.to(to).float())
+    return ref
+
+
+def _greedy(model, ids, mask, steps: int):
+    """Greedy continuations of each probe prompt (left-aligned rows, no padding in a prompt), with each step's logits."""
+    import torch
+
+    outs = []
+    for row, m in zip(ids, mask):
+        x = row[: int(m.sum())].unsqueeze(0)
+        steps_logits, toks = [], []
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = model(input_ids=x).logits[0, -1].float()
+                t = int(logits.argmax())
+                steps_logits.append(logits)
+                toks.append(t)
+                x = torch.cat([x, torch.tensor([[t]])], dim=1)
+        outs.append((toks, steps_logits))
+    return outs
+
+
+def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict[str, Any]:
+    """Load the file back with transformers' GGUF reader and compare it with the merged model (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .lm import stop_ids
+    from .merge import derived_atol, logits, max_diff, probe_batch
+
+    hf_logging.disable_progress_bar()  # the reader's per-tensor bar, on every export
+    back = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    back.eval()
+    tok_back = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ids, mask, _ = probe_batch(run, recipe.merge.probes, tok.pad_token_id)
+    merged_logits = logits(model, ids, mask)
+    file_logits = logits(back, ids, mask)
+    absmax = float(merged_logits.abs()[mask.bool()].max())
+    gap = max_diff(merged_logits, file_logits, mask)
+    cfg = model.config
+    out: dict[str, Any] = {"probes": int(ids.shape[0]), "probe_tokens": int(mask.sum()), "logits_absmax": absmax, "vs_merged_max_abs_diff": gap}
+    failures = []
+    if dtype in ("f16", "bf16"):
+        ref_logits = logits(_rounded(model, dtype), ids, mask)
+        atol = derived_atol(absmax, int(cfg.hidden_size), int(cfg.num_hidden_layers))
+        ref_gap = max_diff(ref_logits, file_logits, mask)
+        out.update(reference=f"merged model with its 2-D weights rounded to {dtype} in torch", vs_reference_max_abs_diff=ref_gap, atol=atol)
+        if not ref_gap <= atol:
+            failures.append(f"logits differ from the {dtype}-rounded merged model by {ref_gap:.3g} > {atol:.3g}")
+    else:
+        bound = Q8_0_SHARE * max(absmax, 1.0)
+        out.update(bound=bound, bound_source=f"{Q8_0_SHARE:.0%} of the merged logits' largest magnitude")
+        if not gap <= bound:
+            failures.append(f"q8_0 logits differ from the merged model by {gap:.3g} > {bound:.3g}")
+        flips, compared = 0, 0
+        for (a_toks, a_logits), (b_toks, _) in zip(_greedy(model, ids, mask, GREEDY_TOKENS), _greedy(back, ids, mask, GREEDY_TOKENS)):
+            for a, b, lg in zip(a_toks, b_toks, a_logits):
+                top2 = torch.topk(lg, 2).values
+                compared += 1
+                if a != b and float(top2[0] - top2[1]) > 2 * gap:
+                    flips += 1
+                if a != b:
+                    break  # the continuations diverged: later steps condition on different text
+        out.update(greedy_tokens_compared=compared, greedy_flips_beyond_margin=flips)
+        if flips:
+            failures.append(f"greedy continuations differ at {flips} step(s) where the merged model's top-2 margin exceeds twice the gap")
+    # tokenizer, template, special ids
+    prompts = [tok.decode(row[: int(m.sum())], skip_special_tokens=False) for row, m in zip(ids, mask)]
+    same_ids = all(tok_back(p, add_special_tokens=False)["input_ids"] == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    specials = {k: (getattr(tok, f"{k}_token_id"), getattr(tok_back, f"{k}_token_id")) for k in ("bos", "eos", "pad", "unk")}
+    stops = (stop_ids(tok), stop_ids(tok_back))
+    template_same = None
+    if tok.chat_template:
+        conv = [{"role": "user", "content": "What is the limitation period?"}, {"role": "assistant", "content": "Six years."},
+                {"role": "user", "content": "And for a deed?"}]
+        template_same = (tok_back.chat_template is not None and tok_back.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+                         == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    out.update(tokenizer_same_ids=same_ids, special_ids={k: v[0] for k, v in specials.items()}, special_ids_same=all(a == b for a, b in specials.values()),
+               stop_ids=stops[0], stop_ids_same=stops[0] == stops[1], chat_template_same=template_same)
+    if not same_ids:
+        failures.append("the tokenizer read from the file encodes the probe prompts differently")
+    if not out["special_ids_same"] or not out["stop_ids_same"]:
+        failures.append(f"special ids differ: {specials}, stops {stops}")
+    if template_same is False:
+        failures.append("the chat template read from the file renders a conversation differently")
+    out["failures"] = failures
+    out["passed"] = not failures
+    return out
+
+
+def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None = None) -> dict[str, Any]:
+    """The whole command: checks, write to a temporary name, verify, rename, Modelfile, export_check.json."""
+    import torch
+
+    from data_prep.outputs import check_output, mark
+
+    from .modelfile import write_modelfile
+    from .models import load_model, load_tokenizer
+
+    if to != "gguf":
+        raise UserError(f"--to {to!r}: the export formats are: gguf")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    run = RunDir(run_dir)
+    run.require()
+    config, family = check_exportable(run)
+    out = Path(out) if out is not None else run.root / "export"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    check_output(out, "export", "--out")
+    recipe, _ = run.load_recipe()
+    t0 = time.perf_counter()
+    tok = load_tokenizer(str(run.merged), recipe)
+    model = load_model(str(run.merged), recipe, quantized=False, dtype=torch.float32)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, "export")
+    name = f"{recipe.name}-{dtype}.gguf"
+    partial = out / f".{name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        stored = write_gguf(partial, model, tok, config, family, dtype, recipe.name, run.merged)
+        check = verify(partial, model, tok, run, recipe, dtype)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    check.update(file=name, dtype=dtype, family=family, architecture=FAMILIES[family][0].lower(), tensors=stored,
+                 bytes=partial.stat().st_size, seconds=round(time.perf_counter() - t0, 2),
+                 verified_with="transformers' GGUF reader (transformers.modeling_gguf_pytorch_utils), not the writer")
+    if not check["passed"]:
+        partial.unlink(missing_ok=True)
+        _record(out, name, check)
+        raise ExportFailed(f"export check failed: {'; '.join(check['failures'])} (details: {out / 'export_check.json'})")
+    os.replace(partial, out / name)
+    check["modelfile"] = write_modelfile(out, name, tok, recipe)
+    _record(out, name, check)
+    return check
+
+
+def _record(out: Path, name: str, check: dict[str, Any]) -> None:
+    """export_check.json: one entry per GGUF file of the folder (an f16 and a q8_0 export sit side by side)."""
+    path = out / "export_check.json"
+    try:
+        checks = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        checks = {}
+    checks[name] = check
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"files": checks}, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,276 @@
+"""`finetune export RUN --to gguf`: the file transformers reads back is the merged model, its tokenizer, template and
+stops travel with it, a wrong file is refused, and the Modelfile's Go template renders like the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import RECIPES, ROOT
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# A Go text/template interpreter for the subset Modelfiles use (range, if / else if eq .Role "x", .Content, .Prompt,
+# string literals): written here, independently of finetune/modelfile.py, to render what Ollama would.
+
+
+def go_render(template: str, messages: list[dict[str, str]] | None = None, prompt: str | None = None) -> str:
+    tokens = re.split(r"(\{\{-?\s*.*?\s*-?\}\})", template)
+
+    def parse(i: int, stop: tuple[str, ...]):
+        nodes = []
+        while i < len(tokens):
+            t = tokens[i]
+            if t.startswith("{{"):
+                if t.startswith("{{-"):
+                    if nodes and nodes[-1][0] == "text":
+                        nodes[-1] = ("text", nodes[-1][1].rstrip())
+                body = t.strip("{}").strip("-").strip()
+                if body.startswith(stop) or body == "end" and "end" in stop:
+                    return nodes, i, body
+                if body.startswith("range"):
+                    inner, i, _ = parse(i + 1, ("end",))
+                    nodes.append(("range", body.split()[1], inner))
+                elif body.startswith("if"):
+                    branches = []
+                    cond = body[2:].strip()
+                    while True:
+                        inner, i, closing = parse(i + 1, ("else", "end"))
+                        branches.append((cond, inner))
+                        if closing == "end":
+                            break
+                        cond = closing[len("else"):].strip()
+                        cond = cond[2:].strip() if cond.startswith("if") else "true"
+                    nodes.append(("if", branches))
+                else:
+                    nodes.append(("expr", body))
+            elif t:
+                nodes.append(("text", t))
+            i += 1
+        return nodes, i, None
+
+    def value(expr: str, dot: dict) -> str:
+        if expr.startswith('"'):
+            return json.loads(expr)
+        return dot[expr.lstrip(".")]
+
+    def cond_true(cond: str, dot: dict) -> bool:
+        if cond == "true":
+            return True
+        m = re.fullmatch(r'eq \.(\w+) "(.*)"', cond)
+        assert m, cond
+        return dot[m.group(1)] == m.group(2)
+
+    def run(nodes, dot) -> str:
+        out = []
+        for n in nodes:
+            if n[0] == "text":
+                out.append(n[1])
+            elif n[0] == "expr":
+                out.append(value(n[1], dot))
+            elif n[0] == "range":
+                for item in dot[n[1].lstrip(".")]:
+                    out.append(run(n[2], {"Role": item["role"], "Content": item["content"]}))
+            elif n[0] == "if":
+                for cond, inner in n[1]:
+                    if cond_true(cond, dot):
+                        out.append(run(inner, dot))
+                        break
+        return "".join(out)
+
+    nodes, _, _ = parse(0, ())
+    return run(nodes, {"Messages": messages or [], "Prompt": prompt})
+
+
+def modelfile(path: Path) -> dict[str, list[str]]:
+    """FROM / TEMPLATE / PARAMETER / SYSTEM values of a Modelfile; a triple-quoted value is read whole, across lines."""
+    text, out, i = path.read_text(), {}, 0
+    key = re.compile(r"^(FROM|TEMPLATE|PARAMETER|SYSTEM) ", re.M)
+    while (m := key.search(text, i)) is not None:
+        j = m.end()
+        end = text.find("\n", j)
+        end = len(text) if end < 0 else end
+        if '"""' in text[j:end]:
+            q = text.index('"""', j)
+            end = text.index('"""', q + 3) + 3
+        value = text[j:end]
+        out.setdefault(m.group(1), []).append(value[3:-3] if value.startswith('"""') else value)
+        i = end
+    return out
+
+
+def test_go_renderer_matches_go_semantics_on_a_known_template():
+    """The interpreter itself: a hand-written ChatML template and its expected output."""
+    t = '{{ range .Messages }}{{ if eq .Role "user" }}<u>{{ .Content }}</u>\n{{ else }}<a>{{ .Content }}</a>\n{{ end }}{{ end }}<a>'
+    assert go_render(t, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) == "<u>hi</u>\n<a>yo</a>\n<a>"
+    assert go_render("x \n{{- .Prompt }}", prompt="p") == "xp"  # {{- trims the whitespace before it
+
+
+# --------------------------------------------------------------------------------------------------
+# Export of a smoke run (mistral family), each dtype
+
+
+def _merged_logits(run: Path, rounded_to=None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+    if rounded_to is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.copy_(p.to(rounded_to).float())
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    rows = [json.loads(line) for line in (run / "data" / "val.jsonl").read_text().splitlines()[:3]]
+    with torch.no_grad():
+        return [model(torch.tensor([r["input_ids"]])).logits[0] for r in rows], tok, rows
+
+
+def _file_logits(path: Path, rows):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return [model(torch.tensor([r["input_ids"]])).logits[0] for r in rows]
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_export_reads_back_as_the_merged_model(smoke_runs, tmp_path, dtype):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    done = _cli("export", run, "--dtype", dtype)
+    assert done.returncode == 0, done.stderr
+    out = run / "export"
+    name = f"legal-saul-7b-{dtype}.gguf"
+    assert done.stdout.strip() == str(out / name)
+    assert sorted(p.name for p in out.iterdir()) == sorted([".finetune.json", "Modelfile", "export_check.json", name, name.replace(".gguf", ".Modelfile")])
+    check = json.loads((out / "export_check.json").read_text())["files"][name]
+    assert check["passed"] and check["tokenizer_same_ids"] and check["special_ids_same"] and check["stop_ids_same"] and check["chat_template_same"]
+    # Independently of export.py: transformers reads the file, and the test compares with its own reference.
+    merged, _, rows = _merged_logits(run)
+    got = _file_logits(out / name, rows)
+    if dtype == "q8_0":
+        gap = max(float((a - b).abs().max()) for a, b in zip(merged, got))
+        assert 0 < gap <= 0.05 * max(float(m.abs().max()) for m in merged)
+        assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(merged, got))
+    else:
+        ref, _, _ = _merged_logits(run, torch.float16 if dtype == "f16" else torch.bfloat16)
+        # RUN/merged is saved in merge.dtype (bfloat16), which both 16-bit formats hold exactly: the file gives the
+        # merged logits. That this comparison can fail is test_a_wrong_file_is_refused_and_nothing_is_left's job.
+        assert max(float((a - b).abs().max()) for a, b in zip(ref, got)) <= check["atol"]
+
+
+def test_a_wrong_file_is_refused_and_nothing_is_left(smoke_runs, tmp_path, monkeypatch):
+    """Forgetting llama.cpp's q/k permutation gives a file that loads fine and computes something else: the check
+    must see it, exit 1, and leave no model file (export_check.json says why)."""
+    from finetune import export as ex
+    from finetune.errors import StageFailed
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    monkeypatch.setitem(ex.FAMILIES, "mistral", ("LLAMA", False))
+    with pytest.raises(StageFailed, match="export check failed: logits differ from the f16-rounded merged model"):
+        ex.export(run, "gguf", "f16")
+    out = run / "export"
+    assert not list(out.glob("*.gguf")) and not list(out.glob(".*partial"))
+    check = json.loads((out / "export_check.json").read_text())["files"]["legal-saul-7b-f16.gguf"]
+    assert check["passed"] is False and check["vs_reference_max_abs_diff"] > check["atol"]
+
+
+def test_export_bad_input_one_message_exit_2_nothing_written(smoke_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    done = _cli("export", run, "--dtype", "q4_k")
+    assert done.returncode == 2 and "--dtype 'q4_k': one of f16, bf16, q8_0" in done.stderr
+    done = _cli("export", run, "--to", "onnx")
+    assert done.returncode == 2 and "the export formats are: gguf" in done.stderr
+    (tmp_path / "afile").write_text("x")
+    done = _cli("export", run, "--out", tmp_path / "afile")
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    done = _cli("export", run, "--out", mine)
+    assert done.returncode == 2 and "finetune did not write" in done.stderr and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    cfg = json.loads((run / "merged" / "config.json").read_text())
+    (run / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    done = _cli("export", run)
+    assert done.returncode == 2 and "a 'gemma2' model cannot be exported to GGUF yet; supported: llama, mistral, qwen2" in done.stderr
+    shutil.rmtree(run / "merged")
+    done = _cli("export", run)
+    assert done.returncode == 2 and "no merged model to export" in done.stderr
+    assert not (run / "export").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Modelfile
+
+
+def test_alpaca_modelfile_renders_the_alpaca_prompt_and_lists_every_stop(smoke_runs, tmp_path):
+    from finetune.tasks import wrap
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    assert _cli("export", run).returncode == 0
+    mf = modelfile(run / "export" / "Modelfile")
+    assert mf["FROM"] == ["./legal-saul-7b-f16.gguf"]
+    assert go_render(mf["TEMPLATE"][0], prompt="Is this hearsay?") == wrap("Is this hearsay?", "", "alpaca")
+    # EOS, the stand-in's end-of-turn token, and the Alpaca stop eval cuts generations at (tasks.stops)
+    assert mf["PARAMETER"] == ['stop """</s>"""', 'stop """<|im_end|>"""', 'stop """### Instruction"""']
+
+
+def test_chat_template_becomes_an_equivalent_go_template():
+    from finetune.modelfile import SAMPLES, go_template, role_wrappers
+    from finetune.smoke import CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer(["What is the limitation period?", "Six years."])
+    tok.chat_template = CHAT_TEMPLATE
+    w = role_wrappers(tok)
+    assert w is not None
+    go = go_template(w)
+    convs = SAMPLES + [[{"role": "user", "content": "Line one\nline two {{ not an action }}"}, {"role": "assistant", "content": "ok\n"},
+                        {"role": "user", "content": "again"}]]
+    for conv in convs:
+        expected = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert expected.startswith(tok.bos_token)  # Ollama adds BOS from the GGUF: the TEMPLATE leaves it out
+        assert go_render(go, conv) == expected[len(tok.bos_token):], conv
+    # Llama 2 style: the system prompt folded into the first user turn is not a per-message wrapper: no TEMPLATE
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+                         "{% elif m['role'] == 'user' %}[INST] {% if loop.index == 2 %}<<SYS>>{{ messages[0]['content'] }}<</SYS>> {% endif %}"
+                         "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    assert role_wrappers(tok) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Other families: llama (permuted q/k) and qwen2 (biases, no permutation), through real smoke runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_and_qwen2_runs_export_with_their_chat_template(tmp_path, family):
+    run = tmp_path / "run"
+    done = _cli("run", RECIPES / "medical.yaml", "--smoke", "--run-dir", run, "--set", f"base_model.family={family}", "--set", "data.template=chat",
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for dtype in ("f16", "q8_0"):
+        done = _cli("export", run, "--dtype", dtype)
+        assert done.returncode == 0, done.stderr[-2000:]
+    checks = json.loads((run / "export" / "export_check.json").read_text())["files"]
+    assert len(checks) == 2 and all(c["passed"] and c["chat_template_same"] for c in checks.values())
+    assert json.loads((run / "merged" / "config.json").read_text())["model_type"] == family
+    assert {c["family"] for c in checks.values()} == {family}
+    mf = modelfile(run / "export" / "Modelfile")
+    assert "{{ .Content }}" in mf["TEMPLATE"][0] and 'stop "<|im_end|>"' in " ".join(mf["PARAMETER"]).replace('"""', '"')
