@@ -254,6 +254,33 @@ def test_chat_template_becomes_an_equivalent_go_template():
     assert role_wrappers(tok) is None
 
 
+def ollama_render(mf: dict[str, list[str]], conv: list[dict[str, str]]) -> str:
+    """What Ollama sends the model: the Modelfile's SYSTEM as the first message when the conversation has none."""
+    if "SYSTEM" in mf and conv[0]["role"] != "system":
+        conv = [{"role": "system", "content": mf["SYSTEM"][0]}, *conv]
+    return go_render(mf["TEMPLATE"][0], conv)
+
+
+def test_a_template_with_a_default_system_prompt_gets_it_as_the_modelfile_system(tmp_path):
+    """Templates that add their own system message when there is none (as SmolLM2's and Qwen2.5's do)."""
+    from types import SimpleNamespace
+
+    from finetune.modelfile import SAMPLES, modelfile_text
+    from finetune.smoke import build_tokenizer
+
+    tok = build_tokenizer(["What is the limitation period?", "Six years."])
+    tok.chat_template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou answer briefly.<|im_end|>\n"
+                         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    recipe = SimpleNamespace(data=SimpleNamespace(template="chat", system_prompt=None), eval=SimpleNamespace(tasks=[]))
+    text, info = modelfile_text("m.gguf", tok, recipe)
+    (tmp_path / "Modelfile").write_text(text)
+    mf = modelfile(tmp_path / "Modelfile")
+    assert mf["SYSTEM"] == ["You answer briefly."] and info["template"].startswith("chat")
+    for conv in SAMPLES:
+        assert ollama_render(mf, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), conv
+
+
 # --------------------------------------------------------------------------------------------------
 # Other families: llama (permuted q/k) and qwen2 (biases, no permutation), through real smoke runs
 

@@ -194,3 +194,23 @@ def test_laptop_run_end_to_end_on_the_real_model(smollm2_gguf, tmp_path):
     assert all(c["passed"] and c["chat_template_same"] and c["tokenizer_same_ids"] and c["stop_ids_same"] for c in checks.values())
     assert checks["legal-saul-7b-f16.gguf"]["vs_reference_max_abs_diff"] <= checks["legal-saul-7b-f16.gguf"]["atol"]
     assert checks["legal-saul-7b-q8_0.gguf"]["greedy_flips_beyond_margin"] == 0
+    # The Modelfile renders as the run does: the legal recipe's Alpaca prompt; and for a chat run, the real chat template
+    # (SmolLM2's adds a default system prompt, which becomes the Modelfile's SYSTEM).
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from finetune.modelfile import SAMPLES, modelfile_text
+    from finetune.tasks import wrap
+
+    from .test_export import go_render, modelfile, ollama_render
+
+    mf = modelfile(run / "export" / "Modelfile")
+    assert mf["FROM"] == ["./legal-saul-7b-q8_0.gguf"] and go_render(mf["TEMPLATE"][0], prompt="Is it hearsay?") == wrap("Is it hearsay?", "", "alpaca")
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    chat = SimpleNamespace(data=SimpleNamespace(template="chat", system_prompt=None), eval=SimpleNamespace(tasks=[]))
+    (tmp_path / "Modelfile").write_text(modelfile_text("m.gguf", tok, chat)[0])
+    mf = modelfile(tmp_path / "Modelfile")
+    assert mf["SYSTEM"] and 'stop """<|im_end|>"""' in mf["PARAMETER"]
+    for conv in SAMPLES:
+        assert ollama_render(mf, conv) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
