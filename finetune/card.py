@@ -182,8 +182,37 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
                       f"{check.merged_vs_trained_max_abs_diff:.3g}"
                       + (" (the 4-bit rounding the adapter was trained with)." if check.base == "original_16bit" else ".")]
     lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
-              *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name)]
+              *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name),
+              *(run_locally(recipe.publish.to, recipe.name, run) if "gguf" in recipe.publish.what else [])]
     return "\n".join(lines)
+
+
+def run_locally(to: str | None, name: str, run: RunDir) -> list[str]:
+    """The "Run it locally" section: the exact commands for the published GGUF files, and what their check found."""
+    import json
+
+    try:
+        checks = json.loads((run.root / "export" / "export_check.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        checks = {}
+    done = {n: c for n, c in sorted(checks.items()) if c.get("passed")}
+    if not done:
+        return ["## Run it locally", "", "No GGUF export yet: `finetune export RUN_DIR --to gguf` writes and checks one.", ""]
+    first = next(iter(done))
+    repo = repo_name(to)
+    get = ([f'huggingface-cli download {repo} --include "gguf/*" --local-dir {name}', f"cd {name}/gguf"] if repo else
+           ["cd path/to/this/folder/gguf   # the published revision holding this card"])
+    lines = ["## Run it locally", "", "GGUF files for llama.cpp, Ollama and LM Studio, each loaded back through transformers' GGUF reader "
+             "and compared with the merged model before it was published:", "",
+             "| file | type | size | logits vs merged model | greedy tokens |", "|---|---|---|---|---|"]
+    for n, c in done.items():
+        greedy = f"{c['greedy_tokens_equal']}/{c['greedy_tokens_compared']} equal" if "greedy_tokens_compared" in c else "-"
+        gap = c.get("vs_reference_max_abs_diff", c["vs_merged_max_abs_diff"])
+        ref = f"max gap {gap:.2g} to the {c['dtype']}-rounded model" if "vs_reference_max_abs_diff" in c else f"max gap {gap:.2g}"
+        lines.append(f"| `{n}` | {c['dtype']} | {c['bytes'] / 1e6:.1f} MB | {ref} | {greedy} |")
+    lines += ["", "```bash", *get, f"ollama create {name} -f Modelfile      # Modelfile: template, stops and system prompt of this model",
+              f"ollama run {name}", f"llama-cli -m {first} -cnv             # llama.cpp", "```", ""]
+    return lines
 
 
 def repo_name(to: str | None) -> str | None:

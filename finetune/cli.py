@@ -470,7 +470,7 @@ def _check_use(use: str) -> None:
 @guard
 def publish(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished run directory, or the output of `finetune merge --adapters`.")],
             to: Annotated[Optional[str], typer.Option("--to", metavar="URL", help="hf://ORG/NAME or file://DIR (default: the recipe's publish.to).")] = None,
-            what: Annotated[Optional[str], typer.Option("--what", metavar="adapter,merged", help="adapter, merged, or adapter,merged.")] = None,
+            what: Annotated[Optional[str], typer.Option("--what", metavar="adapter,merged,gguf", help="Any of adapter, merged, gguf, comma-separated.")] = None,
             private: Annotated[Optional[bool], typer.Option("--private/--public", help="Hub repository visibility.")] = None,
             force: Annotated[bool, typer.Option("--force", help="Publish again even if done, and even when a gate (regression, "
                                                 "licence, PII) refuses.")] = False) -> None:
@@ -507,11 +507,11 @@ def _publish_options(to: str | None, what: str | None) -> list[str] | None:
         return None
     parts = [w.strip() for w in what.split(",") if w.strip()]
     for w in parts:
-        if w not in ("adapter", "merged"):
-            close = difflib.get_close_matches(w, ["adapter", "merged"], n=1)
-            raise UserError(f"--what {w!r}: choose adapter, merged, or adapter,merged" + (f"; did you mean '{close[0]}'?" if close else ""))
+        if w not in ("adapter", "merged", "gguf"):
+            close = difflib.get_close_matches(w, ["adapter", "merged", "gguf"], n=1)
+            raise UserError(f"--what {w!r}: choose from adapter, merged, gguf (comma-separated)" + (f"; did you mean '{close[0]}'?" if close else ""))
     if not parts:
-        raise UserError("--what is empty: choose adapter, merged, or adapter,merged")
+        raise UserError("--what is empty: choose from adapter, merged, gguf (comma-separated)")
     return parts
 
 

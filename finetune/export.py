@@ -54,6 +54,38 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def merged_fingerprint(run: RunDir) -> str:
+    """sha256 over the merged model's weight files: an export records it, and publish refuses an export of an older merge."""
+    import hashlib
+
+    from .run import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(run.merged.glob("*.safetensors")):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def published_exports(run: RunDir) -> list[tuple[Path, dict[str, Any]]]:
+    """The GGUF files of RUN/export/ that passed their check, with their checks; UserError when one is of an older merge."""
+    folder = run.root / "export"
+    try:
+        checks = json.loads((folder / "export_check.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return []
+    current = merged_fingerprint(run) if checks else None
+    out = []
+    for name, check in sorted(checks.items()):
+        path = folder / name
+        if not (check.get("passed") and path.is_file()):
+            continue
+        if check.get("merged_sha256") != current:
+            raise UserError(f"{path}: exported from an earlier merged model (RUN/merged changed since); run `finetune export {run.root} "
+                            f"--dtype {check.get('dtype', 'f16')}` again before publishing it")
+        out.append((path, check))
+    return out
+
+
 def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
     """(the merged model's config, its family), or one clear message (cheap: no torch)."""
     from .artifacts import MergeCheck
@@ -229,16 +261,17 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         out.update(bound=bound, bound_source=f"{Q8_0_SHARE:.0%} of the merged logits' largest magnitude")
         if not gap <= bound:
             failures.append(f"q8_0 logits differ from the merged model by {gap:.3g} > {bound:.3g}")
-        flips, compared = 0, 0
+        flips, compared, equal = 0, 0, 0
         for (a_toks, a_logits), (b_toks, _) in zip(_greedy(model, ids, mask, GREEDY_TOKENS), _greedy(back, ids, mask, GREEDY_TOKENS)):
             for a, b, lg in zip(a_toks, b_toks, a_logits):
                 top2 = torch.topk(lg, 2).values
                 compared += 1
+                equal += a == b
                 if a != b and float(top2[0] - top2[1]) > 2 * gap:
                     flips += 1
                 if a != b:
                     break  # the continuations diverged: later steps condition on different text
-        out.update(greedy_tokens_compared=compared, greedy_flips_beyond_margin=flips)
+        out.update(greedy_tokens_compared=compared, greedy_tokens_equal=equal, greedy_flips_beyond_margin=flips)
         if flips:
             failures.append(f"greedy continuations differ at {flips} step(s) where the merged model's top-2 margin exceeds twice the gap")
     # tokenizer, template, special ids
@@ -300,7 +333,7 @@ def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    check.update(file=name, dtype=dtype, family=family, architecture=FAMILIES[family][0].lower(), tensors=stored,
+    check.update(file=name, dtype=dtype, family=family, merged_sha256=merged_fingerprint(run), architecture=FAMILIES[family][0].lower(), tensors=stored,
                  bytes=partial.stat().st_size, seconds=round(time.perf_counter() - t0, 2),
                  verified_with="transformers' GGUF reader (transformers.modeling_gguf_pytorch_utils), not the writer")
     if not check["passed"]:

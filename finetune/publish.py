@@ -65,9 +65,37 @@ def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path, base_name
     """Lay out a run's repository in `dest`; returns its files (relative)."""
     if "merged" in what and not run.merged.exists():
         raise UserError("publish.what includes `merged` but RUN/merged/ does not exist (merge.enabled: false?)")
-    return lay_out(dest, what, run.adapter, run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
-                                                          (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")],
-                   base_name)
+    files = lay_out(dest, what, run.adapter, run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
+                                                           (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")],
+                    base_name)
+    if "gguf" in what:
+        files += lay_out_gguf(run, dest)
+    return files
+
+
+def lay_out_gguf(run: RunDir, dest: Path) -> list[str]:
+    """gguf/: each verified export, its Modelfile, `Modelfile` for the first, and export_check.json."""
+    from .export import published_exports
+
+    exports = published_exports(run)
+    if not exports:
+        raise UserError(f"publish.what includes `gguf` but {run.root / 'export'} has no GGUF that passed its check; run `finetune export {run.root}`")
+    out = dest / "gguf"
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path, check in exports:
+        shutil.copy2(path, out / path.name)
+        names.append(f"gguf/{path.name}")
+        own = path.with_name(f"{path.stem}.Modelfile")
+        if own.is_file():
+            shutil.copy2(own, out / own.name)
+            names.append(f"gguf/{own.name}")
+    first = exports[0][0]
+    if first.with_name(f"{first.stem}.Modelfile").is_file():
+        shutil.copy2(first.with_name(f"{first.stem}.Modelfile"), out / "Modelfile")
+        names.append("gguf/Modelfile")
+    (out / "export_check.json").write_text(json.dumps({"files": {p.name: c for p, c in exports}}, indent=2) + "\n")
+    return names + ["gguf/export_check.json"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -201,7 +201,10 @@ class PublishSpec(Section):
     """Where the specialist goes and what travels with it."""
 
     to: str | None = Field(None, description="`hf://ORG/NAME` (Hugging Face Hub) or `file://DIR` (on-premise); null = publish nothing.")
-    what: list[Literal["adapter", "merged"]] = Field(["adapter"], min_length=1, description="Artifacts to publish.")
+    what: list[Literal["adapter", "merged", "gguf"]] = Field(
+        ["adapter"], min_length=1,
+        description="Artifacts to publish: `adapter`, `merged` (under merged/), `gguf` (the verified exports of `finetune export RUN`, with "
+        "their Ollama Modelfiles, under gguf/; an export of an earlier merge is refused).")
     private: bool = Field(True, description="Create the Hub repository private.")
     license: str | None = Field(None, description="Licence of the published model; default derived from the base model's and the data's licences.")
     tags: list[str] = Field(default_factory=list, description="Extra tags for the model card.")

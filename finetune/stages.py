@@ -212,7 +212,7 @@ def _card_inputs(ctx: Context) -> Inputs:
     run = ctx.run
     return ({"recipe": ctx.recipe.model_dump(mode="json"), "base_name": public_base(ctx), "smoke": ctx.smoke},
             files(run, run.data / "provenance.json", run.eval / "report.json", run.merge_check, run.adapter / "training_summary.json",
-                  run.lock))
+                  run.lock, run.root / "export" / "export_check.json"))
 
 
 def _card_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -224,7 +224,8 @@ def _card_run(ctx: Context, resume_from: Path | None) -> Any:
 def _publish_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
-            files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json", run.card, run.lock))
+            files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json", run.card, run.lock,
+                  run.root / "export"))
 
 
 def _publish_run(ctx: Context, resume_from: Path | None) -> Any:

@@ -301,3 +301,51 @@ def test_llama_and_qwen2_runs_export_with_their_chat_template(tmp_path, family):
     assert {c["family"] for c in checks.values()} == {family}
     mf = modelfile(run / "export" / "Modelfile")
     assert "{{ .Content }}" in mf["TEMPLATE"][0] and 'stop "<|im_end|>"' in " ".join(mf["PARAMETER"]).replace('"""', '"')
+
+
+# --------------------------------------------------------------------------------------------------
+# Publishing the GGUF: file:// (and the card's "Run it locally"), refused when stale or missing
+
+
+def test_gguf_is_published_with_its_modelfile_and_the_card_says_how_to_run_it(smoke_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    target = tmp_path / "pub"
+    done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,gguf")
+    assert done.returncode == 2 and "has no GGUF that passed its check; run `finetune export" in done.stderr
+    assert _cli("export", run, "--dtype", "q8_0").returncode == 0
+    done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,gguf")
+    assert done.returncode == 0, done.stderr
+    rev = target / (target / "refs" / "main").read_text().strip()
+    got = sorted(p.name for p in (rev / "gguf").iterdir())
+    assert got == ["Modelfile", "export_check.json", "legal-saul-7b-q8_0.Modelfile", "legal-saul-7b-q8_0.gguf"]
+    assert (rev / "gguf" / "legal-saul-7b-q8_0.gguf").read_bytes() == (run / "export" / "legal-saul-7b-q8_0.gguf").read_bytes()
+    assert modelfile(rev / "gguf" / "Modelfile")["FROM"] == ["./legal-saul-7b-q8_0.gguf"]
+    card = (rev / "README.md").read_text()
+    check = json.loads((run / "export" / "export_check.json").read_text())["files"]["legal-saul-7b-q8_0.gguf"]
+    assert "## Run it locally" in card and "ollama create legal-saul-7b -f Modelfile" in card and "llama-cli -m legal-saul-7b-q8_0.gguf" in card
+    assert f"{check['greedy_tokens_equal']}/{check['greedy_tokens_compared']} equal" in card
+    from finetune.card import run_locally
+    from finetune.run import RunDir
+
+    hub_lines = run_locally("hf://acme/legal", "legal-saul-7b", RunDir(run))
+    assert 'huggingface-cli download acme/legal --include "gguf/*" --local-dir legal-saul-7b' in hub_lines and "cd legal-saul-7b/gguf" in hub_lines
+    # An export made from an earlier merge (the merge stage ran again since) is not published.
+    checks_path = run / "export" / "export_check.json"
+    kept = checks_path.read_text()
+    checks = json.loads(kept)
+    checks["files"]["legal-saul-7b-q8_0.gguf"]["merged_sha256"] = "0" * 64
+    checks_path.write_text(json.dumps(checks))
+    done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,gguf")
+    assert done.returncode == 2 and "exported from an earlier merged model" in done.stderr and "finetune export" in done.stderr
+    checks_path.write_text(kept)
+    # Merged weights changed behind the pipeline's back: refused too (the stage records see it first).
+    from safetensors.torch import load_file, save_file
+
+    weights = run / "merged" / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt", "edited": "yes"})
+    done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,gguf")
+    assert done.returncode == 2 and "refused" in done.stderr
+    assert (target / "refs" / "main").read_text().strip() == rev.name
+    done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,guff")
+    assert done.returncode == 2 and "did you mean 'gguf'?" in done.stderr

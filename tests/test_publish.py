@@ -203,3 +203,19 @@ def test_card_fields(legal, tmp_path):
     assert f"{summary['global_step']} steps" in body
     # No local paths, no secrets.
     assert str(run.root) not in card and "/tmp/" not in card and str(tmp_path) not in card and "hf_" not in card
+
+
+def test_gguf_goes_to_the_hub_in_the_same_commit_byte_for_byte(legal, tmp_path, hub):
+    from finetune.export import export
+
+    run = fresh(legal, tmp_path)
+    export(run.root, "gguf", "q8_0")
+    r = recipe_of(run, "publish.to=hf://acme/legal-gguf", "publish.what=[adapter,gguf]", "publish.backoff_s=0.01")
+    out = publish(r, run, "finetune-smoke/tiny-mistral", smoke=True)
+    repo = hub.repos["acme/legal-gguf"]
+    assert out["attempts"] == 1 and len(repo.commits) == 1
+    name = "legal-saul-7b-q8_0"
+    assert repo.files[f"gguf/{name}.gguf"] == (run.root / "export" / f"{name}.gguf").read_bytes()
+    assert repo.files["gguf/Modelfile"] == (run.root / "export" / f"{name}.Modelfile").read_bytes()
+    assert json.loads(repo.files["gguf/export_check.json"])["files"][f"{name}.gguf"]["passed"] is True
+    assert "merged/model.safetensors" not in repo.files  # only what publish.what names
