@@ -461,6 +461,25 @@ def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A ru
     typer.echo(str(where / check["file"]))
 
 
+@app.command()
+@guard
+def serve(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with a trained adapter.")],
+          model: Annotated[str, typer.Option("--model", help="tuned (merged, or base + adapter) or base.")] = "tuned",
+          host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+          api_key_env: Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key; when it is set, requests "
+                                                                          "need `Authorization: Bearer KEY`.")] = "FINETUNE_API_KEY",
+          max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for.")] = 512,
+          max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 1_000_000) -> None:
+    """An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions, streaming) for the run's model."""
+    from .chat import check_run
+    from .serve import serve as run_serve
+
+    check_run(run_dir)
+    _quiet_libraries()
+    run_serve(run_dir, model, host, port, api_key_env, max_tokens, max_request_bytes)
+
+
 def _check_use(use: str) -> None:
     if use not in ("auto", "merged", "adapter"):
         raise UserError(f"--use {use!r}: choose auto, merged or adapter")
