@@ -20,6 +20,8 @@ The check, on the merge stage's probe rows:
   continuations agree token for token wherever the merged model's top-2 margin is larger than twice that gap.
 - the tokenizer read back from the file encodes the probe prompts to the same ids, renders the chat template to the
   same text, and has the same BOS, EOS, pad and stop ids.
+- when the `ollama` binary is on PATH, `ollama create finetune-check-<name> -f <Modelfile>` must succeed (recorded as
+  skipped, with the reason, otherwise).
 """
 
 from __future__ import annotations
@@ -342,8 +344,29 @@ def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None
         raise ExportFailed(f"export check failed: {'; '.join(check['failures'])} (details: {out / 'export_check.json'})")
     os.replace(partial, out / name)
     check["modelfile"] = write_modelfile(out, name, tok, recipe)
+    check["ollama"] = ollama_create(out, check["modelfile"]["file"], recipe.name)
     _record(out, name, check)
+    if check["ollama"].get("passed") is False:
+        raise ExportFailed(f"ollama create refused the Modelfile: {check['ollama']['error']} (details: {out / 'export_check.json'})")
     return check
+
+
+def ollama_create(out: Path, modelfile: str, name: str) -> dict[str, Any]:
+    """`ollama create` with the Modelfile, when the ollama binary is on PATH: the model as Ollama itself reads it."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("ollama")
+    if exe is None:
+        return {"skipped": "the ollama binary is not on PATH"}
+    tag = f"finetune-check-{name}".lower()
+    try:
+        done = subprocess.run([exe, "create", tag, "-f", modelfile], cwd=out, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"passed": False, "model": tag, "error": f"{type(e).__name__}: {e}"}
+    if done.returncode != 0:
+        return {"passed": False, "model": tag, "error": (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    return {"passed": True, "model": tag, "binary": exe}
 
 
 def _record(out: Path, name: str, check: dict[str, Any]) -> None:

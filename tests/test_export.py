@@ -4,6 +4,7 @@ stops travel with it, a wrong file is refused, and the Modelfile's Go template r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -349,3 +350,29 @@ def test_gguf_is_published_with_its_modelfile_and_the_card_says_how_to_run_it(sm
     assert (target / "refs" / "main").read_text().strip() == rev.name
     done = _cli("publish", run, "--to", f"file://{target}", "--what", "adapter,guff")
     assert done.returncode == 2 and "did you mean 'gguf'?" in done.stderr
+
+
+def test_ollama_create_runs_when_ollama_is_on_path(smoke_runs, tmp_path, monkeypatch):
+    """A stand-in `ollama` on PATH records how it is called; one that fails makes the export fail (exit 1)."""
+    from finetune import export as ex
+    from finetune.errors import StageFailed
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "ollama"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" \"$(pwd)\" >> {calls}\nhead -1 \"$4\" >> {calls}\nexit ${{OLLAMA_FAKE_EXIT:-0}}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    check = ex.export(run, "gguf", "q8_0")
+    assert check["ollama"]["passed"] is True and check["ollama"]["model"] == "finetune-check-legal-saul-7b"
+    args, first_line = calls.read_text().splitlines()
+    assert args == f"create finetune-check-legal-saul-7b -f legal-saul-7b-q8_0.Modelfile {run / 'export'}"
+    assert first_line == "FROM ./legal-saul-7b-q8_0.gguf"
+    monkeypatch.setenv("OLLAMA_FAKE_EXIT", "1")
+    with pytest.raises(StageFailed, match="ollama create refused the Modelfile"):
+        ex.export(run, "gguf", "f16")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert ex.ollama_create(run / "export", "Modelfile", "x") == {"skipped": "the ollama binary is not on PATH"}
