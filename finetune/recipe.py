@@ -160,6 +160,16 @@ class EvalSpec(Section):
         return unique_names(tasks)
 
 
+class ExportSpec(Section):
+    """GGUF files for llama.cpp and Ollama, written after the merge and verified against the merged model (finetune/export.py)."""
+
+    gguf: list[Literal["f16", "bf16", "q8_0"]] = Field(
+        default_factory=list,
+        description="GGUF types the `export` stage writes into RUN/export/ after the merge (each with its Ollama Modelfile and its check in "
+        "export_check.json); empty: no export stage (`finetune export RUN` does it by hand). q8_0 is about half the size of f16.",
+    )
+
+
 class MergeSpec(Section):
     """Merging the adapter into a 16-bit copy of the base, verified against the adapter."""
 
@@ -334,6 +344,7 @@ class Recipe(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of base vs tuned.")
     merge: MergeSpec = Field(default_factory=MergeSpec, description="Verified merge into a 16-bit base.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Verified GGUF export of the merged model (llama.cpp, Ollama).")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Publishing.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Several GPUs or machines (see finetune/distributed.py).")

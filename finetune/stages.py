@@ -193,6 +193,19 @@ def _merge_run(ctx: Context, resume_from: Path | None) -> Any:
     return merge(ctx.recipe, ctx.run)
 
 
+def _export_inputs(ctx: Context) -> Inputs:
+    r, run = ctx.recipe, ctx.run
+    return ({"export": r.export.model_dump(), "name": r.name, "template": r.data.template, "system_prompt": r.data.system_prompt,
+             "merge_probes": r.merge.probes, "eval_tasks": [t.model_dump(mode="json") for t in r.eval.tasks]},
+            files(run, run.merged, run.merge_check, run.data / "val.jsonl", run.data / "train.jsonl"))
+
+
+def _export_run(ctx: Context, resume_from: Path | None) -> Any:
+    from .export import export
+
+    return {dtype: export(ctx.run.root, "gguf", dtype)["file"] for dtype in ctx.recipe.export.gguf}
+
+
 def _eval_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     tasks = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
@@ -245,8 +258,8 @@ def _publish_target_present(ctx: Context) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# The list, in run order. cpt runs only when the recipe's stages have it. eval comes after merge: what is published
-# (the merged model) is what is evaluated, beside the adapter as trained.
+# The list, in run order. cpt runs only when the recipe's stages have it, export only when export.gguf names a type.
+# eval comes after merge: what is published (the merged model) is what is evaluated, beside the adapter as trained.
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "Build the instruction set: RUN/data/{train,val,rejects}.jsonl, provenance.json, datacard.md.",
@@ -260,14 +273,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("merge", "Merge the adapter into the 16-bit base and verify the merged model against the adapter.",
           reads=("prepare", "sft"), inputs=_merge_inputs, run=_merge_run, command=False,
           outputs=lambda ctx: [ctx.run.merged, ctx.run.merge_check] if ctx.recipe.merge.enabled else []),
+    Stage("export", "Write the merged model as GGUF files (export.gguf) with Ollama Modelfiles, each verified against the merged model.",
+          reads=("prepare", "sft", "merge"), inputs=_export_inputs, outputs=lambda ctx: [ctx.run.root / "export"], run=_export_run,
+          active=lambda recipe: bool(recipe.export.gguf), command=False),
     Stage("eval", "Evaluate base and tuned (adapter and merged) side by side on the recipe's tasks.",
           reads=("prepare", "sft", "merge"), inputs=_eval_inputs, outputs=lambda ctx: [ctx.run.eval], run=_eval_run,
           command=False),
     Stage("card", "Write the model card (card/README.md) from the run's records: eval table, data provenance, merge check, "
-          "licence. Read it before you publish.", reads=("prepare", "cpt", "sft", "merge", "eval"), inputs=_card_inputs,
+          "licence. Read it before you publish.", reads=("prepare", "cpt", "sft", "merge", "export", "eval"), inputs=_card_inputs,
           outputs=lambda ctx: [ctx.run.card], run=_card_run),
     Stage("publish", "Publish the adapter (and merged model) with its card behind the gates.",
-          reads=("prepare", "cpt", "sft", "merge", "eval", "card"), inputs=_publish_inputs, outputs=lambda ctx: [],
+          reads=("prepare", "cpt", "sft", "merge", "export", "eval", "card"), inputs=_publish_inputs, outputs=lambda ctx: [],
           run=_publish_run, still_done=_publish_target_present, command=False),
 )
 

@@ -38,7 +38,7 @@ sys.addaudithook(_audit)  # audit hooks cannot be removed; it records only while
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stages") / "run"
-    ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["stages=[cpt, sft]"], True, str(run_dir), [])
+    ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["stages=[cpt, sft]", "export.gguf=[q8_0]"], True, str(run_dir), [])
     start(ctx, resolved)
     real = pipeline.run_stage
 
