@@ -287,6 +287,8 @@ def publish_combination(folder: Path, to: str, what: list[str], private: bool, r
         raise UserError(f"{folder}: neither a run directory (recipe.yaml) nor the output of `finetune merge --adapters`")
     if "merged" in what and not (folder / "merged").is_dir():
         raise UserError(f"{folder}: no merged/ (combine with --fold to publish a merged model)")
+    if "gguf" in what:
+        raise UserError(f"{folder}: --what gguf publishes a run's verified GGUF exports; a combination folder has none")
     if distributed.rank() != 0:
         return {"target": to, "skipped": "not rank 0"}
     card = combination_card(folder, check, to)

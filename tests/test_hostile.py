@@ -234,8 +234,9 @@ def test_combination_publish_validates_options_and_needs_weights(tmp_path):
     combo.mkdir()
     (combo / "merge_check.json").write_text(json.dumps({"kind": "adapter_combination"}))
     for args, msg in (("--what adaptr --to".split() + [f"file://{tmp_path / 'hub'}"],
-                       "--what 'adaptr': choose adapter, merged, or adapter,merged; did you mean 'adapter'?"),
-                      (["--to", "s3://bucket/x"], "--to 's3://bucket/x': must look like hf://ORG/NAME")):
+                       "--what 'adaptr': choose from adapter, merged, gguf (comma-separated); did you mean 'adapter'?"),
+                      (["--to", "s3://bucket/x"], "--to 's3://bucket/x': must look like hf://ORG/NAME"),
+                      (["--what", "adapter,gguf", "--to", f"file://{tmp_path / 'hub'}"], "a combination folder has none")):
         r = cli("publish", combo, *args)
         assert r.returncode == 2 and msg in r.stderr and "HF_TOKEN" not in r.stderr, r.stderr
     assert not (tmp_path / "hub").exists()
