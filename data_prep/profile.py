@@ -7,12 +7,11 @@ ones (a label column) and none of them is personal data.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .datacard import lengths
 from .errors import RowError
-from .sources.readers import Opened, open_path
+from .sources.readers import Opened
 
 # A column whose values are few and short is a label column: its values are shown (after a PII check).
 LABEL_MAX_DISTINCT = 12
@@ -41,10 +40,6 @@ def _type(v: Any) -> str:
 
 def _filled(v: Any) -> bool:
     return not (v is None or (isinstance(v, (str, list, dict)) and not (v.strip() if isinstance(v, str) else v)))
-
-
-def read_raw(path: Path, reader: str = "auto", columns: list[str] | None = None) -> Opened:
-    return open_path(path, reader, columns)
 
 
 def strings(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
@@ -124,19 +119,20 @@ def profile(opened: Opened) -> dict[str, Any]:
     return {"rows": rows, "invalid": invalid, "columns": cols, "hints": hints}
 
 
-def scan_raw(opened: Opened, scanner) -> dict[str, Any]:
-    """Every string of every row scanned: per kind the count, the columns and the row numbers (never the values)."""
+def scan_rows(rows: Iterable[tuple[int, list[tuple[str, str]]]], scanner) -> dict[str, Any]:
+    """Each row's strings (place, text), scanned together as the build scans a row's fields (a name found in one
+    column is looked for in the others): per kind the count, the columns and the row numbers (never the values)."""
     counts: Counter = Counter()
     rows_of: dict[str, list[int]] = defaultdict(list)
     n_rows_of: Counter = Counter()
     columns_of: dict[str, Counter] = defaultdict(Counter)
-    rows = invalid = altered = 0
+    n_rows = altered = 0
     batch: list[tuple[int, list[tuple[str, str]]]] = []
 
     def flush():
         nonlocal altered
         texts = [t for _, items in batch for _, t in items]
-        results = iter(scanner.scan_texts(texts))
+        results = iter(scanner.scan_texts(texts, [len(items) for _, items in batch]))
         for n, items in batch:
             kinds_here: set[str] = set()
             for where, _ in items:
@@ -152,15 +148,28 @@ def scan_raw(opened: Opened, scanner) -> dict[str, Any]:
             altered += bool(kinds_here)
         batch.clear()
 
-    for n, raw in opened.rows:
-        if isinstance(raw, RowError):
-            invalid += 1
-            continue
-        rows += 1
-        batch.append((n, list(strings(raw))))
+    for n, items in rows:
+        n_rows += 1
+        batch.append((n, items))
         if len(batch) >= 256:
             flush()
     flush()
     kinds = {k: {"findings": counts[k], "rows": n_rows_of[k], "columns": dict(columns_of[k].most_common()), "row_numbers": rows_of[k]}
              for k in sorted(counts, key=lambda k: -counts[k])}
-    return {"rows": rows, "invalid": invalid, "rows_with_findings": altered, "kinds": kinds}
+    return {"rows": n_rows, "rows_with_findings": altered, "kinds": kinds}
+
+
+def scan_raw(opened: Opened, scanner) -> dict[str, Any]:
+    """Every string of every row of a file read without a mapping (ids and nested lists included)."""
+    invalid = 0
+
+    def rows():
+        nonlocal invalid
+        for n, raw in opened.rows:
+            if isinstance(raw, RowError):
+                invalid += 1
+            else:
+                yield n, list(strings(raw))
+
+    out = scan_rows(rows(), scanner)
+    return {**out, "invalid": invalid}

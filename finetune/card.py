@@ -189,13 +189,9 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
 
 def run_locally(to: str | None, name: str, run: RunDir) -> list[str]:
     """The "Run it locally" section: the exact commands for the published GGUF files, and what their check found."""
-    import json
+    from .export import read_checks
 
-    try:
-        checks = json.loads((run.root / "export" / "export_check.json").read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        checks = {}
-    done = {n: c for n, c in sorted(checks.items()) if c.get("passed")}
+    done = {n: c for n, c in sorted(read_checks(run.root / "export").items()) if c.get("passed")}
     if not done:
         return ["## Run it locally", "", "No GGUF export yet: `finetune export RUN_DIR --to gguf` writes and checks one.", ""]
     first = next(iter(done))

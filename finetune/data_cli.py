@@ -197,11 +197,12 @@ def stats(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:
     """Any file: rows, columns with types, fill rates and text lengths. With a mapping (--adapter, --field, --format) or a file
     already in a layout finetune reads: also counts, lengths, duplicates, personal-data findings and label balance as finetune reads it."""
-    from data_prep.profile import profile, read_raw
+    from data_prep.profile import profile
+    from data_prep.sources.readers import open_path
 
     result: dict[str, Any] = {"file": str(file)}
     if not _mapped(adapter, field, fmt):
-        result["raw"] = profile(read_raw(file, reader))
+        result["raw"] = profile(open_path(file, reader))
     try:
         result["mapped"] = _mapped_stats(file, adapter, option, field, fmt, reader, tokenizer, png, progress)
     except DataError as e:
@@ -268,10 +269,11 @@ def scan(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file 
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False, progress: ProgressOpt = False) -> None:
     """Personal data in a file, per kind: how many findings, in which columns and rows (row numbers, never the values).
     Without a mapping every string of every row is read; with one (--adapter, --field, --format), the fields finetune trains on."""
-    from data_prep.profile import ROWS_SHOWN, read_raw, scan_raw
-    from data_prep.quality.pii import KINDS, Scanner
+    from data_prep.profile import scan_raw, scan_rows
+    from data_prep.quality.pii import KINDS, Scanner, row_fields
     from data_prep.quality.pii.ner import load as load_ner
     from data_prep.schema import did_you_mean
+    from data_prep.sources.readers import open_path
 
     for k in kind or []:
         if k not in KINDS:
@@ -279,32 +281,22 @@ def scan(file: Annotated[Path, typer.Argument(metavar="FILE", help="A data file 
             raise DataError(f"--kind {k!r} is not a kind of personal data{f'; did you mean {close!r}?' if close else ''} (kinds: {', '.join(KINDS)})")
     recogniser, ner_line = load_ner(ner)
     scanner = Scanner(kind or KINDS, "redact", recogniser)
-    if _mapped(adapter, field, fmt):
+    if _mapped(adapter, field, fmt):  # the fields finetune trains on, as the build scans them
         loaded = _read(file, adapter, option, field, fmt, reader, progress)
-        counts: Counter = Counter()
-        rows_of: dict[str, list[int]] = {}
-        n_rows: Counter = Counter()
-        for r, (_, found) in zip(loaded.rows, scanner.scan_rows(loaded.rows)):
-            counts.update(found.counts)
-            for k in found.counts:
-                n_rows[k] += 1
-                if len(rows_of.setdefault(k, [])) < ROWS_SHOWN:
-                    rows_of[k].append(r["_row"])
-        result = {"rows": len(loaded.rows), "invalid": len(loaded.rejects), "rows_with_findings": None,
-                  "kinds": {k: {"findings": counts[k], "rows": n_rows[k], "columns": None, "row_numbers": rows_of[k]}
-                            for k in sorted(counts, key=lambda k: -counts[k])}}
+        rows = ((r["_row"], [(key if i is None else f"{key}[{i}].content", r[key] if i is None else r[key][i]["content"])
+                             for key, i in row_fields(r)]) for r in loaded.rows)
+        result = {**scan_rows(rows, scanner), "invalid": len(loaded.rejects)}
     else:
-        result = scan_raw(read_raw(file, reader), scanner)
+        result = scan_raw(open_path(file, reader), scanner)
     result = {"file": str(file), **result, "names": ner_line if recogniser else f"titles, labels and role words only ({ner_line})"}
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    with_findings = result["rows_with_findings"]
-    typer.echo(f"{file}: {result['rows']} rows scanned" + (f", {with_findings} with personal data" if with_findings is not None else ""))
+    typer.echo(f"{file}: {result['rows']} rows scanned, {result['rows_with_findings']} with personal data")
     if not result["kinds"]:
         typer.echo("  no personal data found")
     for k, v in result["kinds"].items():
-        where = f" in {', '.join(v['columns'])}" if v["columns"] else ""
+        where = f" in {', '.join(v['columns'])}"
         more = " …" if v["rows"] > len(v["row_numbers"]) else ""
         typer.echo(f"  {k}: {v['findings']} findings in {v['rows']} rows{where} (rows {', '.join(map(str, v['row_numbers']))}{more})")
     typer.echo(f"  names: {result['names']}")

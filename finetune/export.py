@@ -68,13 +68,18 @@ def merged_fingerprint(run: RunDir) -> str:
     return h.hexdigest()
 
 
+def read_checks(folder: Path) -> dict[str, dict[str, Any]]:
+    """export_check.json's entries, by GGUF file name; none when the folder has no readable one."""
+    try:
+        return dict(json.loads((folder / "export_check.json").read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def published_exports(run: RunDir) -> list[tuple[Path, dict[str, Any]]]:
     """The GGUF files of RUN/export/ that passed their check, with their checks; UserError when one is of an older merge."""
     folder = run.root / "export"
-    try:
-        checks = json.loads((folder / "export_check.json").read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return []
+    checks = read_checks(folder)
     current = merged_fingerprint(run) if checks else None
     out = []
     for name, check in sorted(checks.items()):
@@ -102,8 +107,8 @@ def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
     if family not in FAMILIES:
         raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF yet; supported: {', '.join(FAMILIES)}")
     tj = run.merged / "tokenizer.json"
-    model = json.loads(tj.read_text()).get("model", {}) if tj.is_file() else {}
-    pre = json.dumps(json.loads(tj.read_text()).get("pre_tokenizer")) if tj.is_file() else ""
+    spec = json.loads(tj.read_text()) if tj.is_file() else {}
+    model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
         raise UserError(f"{run.root}: the tokenizer is not a byte-level BPE (tokenizer.json model {model.get('type')!r}); GGUF export supports "
                         "byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) so far, not SentencePiece ones")
@@ -372,10 +377,7 @@ def ollama_create(out: Path, modelfile: str, name: str) -> dict[str, Any]:
 def _record(out: Path, name: str, check: dict[str, Any]) -> None:
     """export_check.json: one entry per GGUF file of the folder (an f16 and a q8_0 export sit side by side)."""
     path = out / "export_check.json"
-    try:
-        checks = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        checks = {}
+    checks = read_checks(out)
     checks[name] = check
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps({"files": checks}, indent=2) + "\n")

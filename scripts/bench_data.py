@@ -37,6 +37,16 @@ def timed(fn, repeat: int):
     return statistics.median(times), out
 
 
+def gsm8k_build_spec(g: Path) -> BuildSpec:
+    """GSM8K train with every filter on, decontaminated against GSM8K test (scripts/bench_pii.py builds the same)."""
+    return BuildSpec.model_validate({
+        "name": "gsm8k-bench",
+        "sources": [{"path": str(g / "train.jsonl"), "adapter": "gsm8k", "options": {"boxed": True}, "license": "mit"}],
+        "quality": {"dedupe": "near", "pii": {"action": "redact"},
+                    "decontaminate": {"against": [{"path": str(g / "test.jsonl"), "adapter": "gsm8k"}]}},
+    })
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -45,12 +55,7 @@ def main() -> None:
     g = args.shared / "gsm8k"
     if not g.is_dir():
         sys.exit(f"{g} not found: pass --shared PATH/TO/shared/datasets")
-    spec = BuildSpec.model_validate({
-        "name": "gsm8k-bench",
-        "sources": [{"path": str(g / "train.jsonl"), "adapter": "gsm8k", "options": {"boxed": True}, "license": "mit"}],
-        "quality": {"dedupe": "near", "pii": {"action": "redact"},
-                    "decontaminate": {"against": [{"path": str(g / "test.jsonl"), "adapter": "gsm8k"}]}},
-    })
+    spec = gsm8k_build_spec(g)
     with tempfile.TemporaryDirectory() as tmp:
         total, built = timed(lambda: build(spec, Path("."), Path(tmp) / "out"), args.repeat)
     src, against = spec.sources[0], spec.quality.decontaminate.against[0]

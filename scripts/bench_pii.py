@@ -30,7 +30,8 @@ from data_prep.build import build  # noqa: E402
 from data_prep.quality.pii import KINDS, Scanner  # noqa: E402
 from data_prep.quality.pii.ner import load as load_ner  # noqa: E402
 from data_prep.sources.load import load_source  # noqa: E402
-from data_prep.spec import BuildSpec, Source  # noqa: E402
+from data_prep.spec import Source  # noqa: E402
+from scripts.bench_data import gsm8k_build_spec  # noqa: E402
 from tests.pii_planted import clean_rows, plant  # noqa: E402
 
 
@@ -72,12 +73,7 @@ def main() -> None:
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"names by NER: {ner_line}\n")
 
-    spec = BuildSpec.model_validate({
-        "name": "gsm8k-bench",
-        "sources": [{"path": str(g / "train.jsonl"), "adapter": "gsm8k", "options": {"boxed": True}, "license": "mit"}],
-        "quality": {"dedupe": "near", "pii": {"action": "redact"},
-                    "decontaminate": {"against": [{"path": str(g / "test.jsonl"), "adapter": "gsm8k"}]}},
-    })
+    spec = gsm8k_build_spec(g)
     with tempfile.TemporaryDirectory() as tmp:
         total, built = timed(lambda: build(spec, Path("."), Path(tmp) / "out"), args.repeat)
     rows = load_source(spec.sources[0], Path(".")).rows

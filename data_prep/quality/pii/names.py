@@ -26,9 +26,9 @@ _TITLES = "Mr|Mrs|Ms|Mx|Mme|Mlle|Madame|Monsieur|Dr|Prof|Sir|Dame|Rev|Reverend|S
 # Titles that are also ordinary words ("Will We Miss Cancers", "Research Nurse"): they count only when the word
 # before them is not capitalised, so Title Case headings and job titles are left alone.
 _WORDLIKE = "Miss|Doctor|Professor|Judge|Justice|Lady|Lord|Father|Sister|Nurse|Officer|Detective|Captain"
-_TITLED = re.compile(rf"(?<![\w.])(?:(?<![{_UP}][{_LOW}] )(?<![{_UP}][{_LOW}]{{2}} )(?<![{_UP}][{_LOW}]{{3}} )(?<![{_UP}][{_LOW}]{{4}} )"
-                     rf"(?<![{_UP}][{_LOW}]{{5}} )(?<![{_UP}][{_LOW}]{{6}} )(?<![{_UP}][{_LOW}]{{7}} )(?<![{_UP}][{_LOW}]{{8}} )(?:{_WORDLIKE})|"
-                     rf"(?:{_TITLES}))\.?[ \t]+(?P<v>{NAME})")
+_TITLED = re.compile(rf"(?<![\w.])(?P<t>{_TITLES}|{_WORDLIKE})\.?[ \t]+(?P<v>{NAME})")
+_WORDLIKE_SET = set(_WORDLIKE.split("|"))
+_CAPITALISED_BEFORE = re.compile(rf"[{_UP}][{_LOW}]*[ \t]+$")
 TITLES = f"{_TITLES}|{_WORDLIKE}"
 TITLE_NEEDS = tuple(dict.fromkeys(t[:3] if len(t) > 3 else t for t in TITLES.split("|")))
 # Labels in any case, then a colon or a spaced dash: "Patient: ...", "SIGNED - ...", and "/s/ ..." (an
@@ -77,8 +77,13 @@ def _find(pattern: re.Pattern, text: str) -> Iterator[tuple[int, int]]:
 
 
 def titled(text: str) -> Iterator[tuple[int, int]]:
-    """Names after a title."""
-    return _find(_TITLED, text)
+    """Names after a title; a word-like title counts only when the word before it is not capitalised."""
+    for m in _TITLED.finditer(text):
+        if m.group("t") in _WORDLIKE_SET and _CAPITALISED_BEFORE.search(text, max(0, m.start() - 40), m.start()):
+            continue
+        span = _trim(text, m.start("v"), m.end("v"))
+        if span:
+            yield span
 
 
 def labelled(text: str) -> Iterator[tuple[int, int]]:
