@@ -107,12 +107,40 @@ def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
     if family not in FAMILIES:
         raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF yet; supported: {', '.join(FAMILIES)}")
     tj = run.merged / "tokenizer.json"
-    spec = json.loads(tj.read_text()) if tj.is_file() else {}
-    model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise UserError(f"{run.root}: the tokenizer is not a byte-level BPE (tokenizer.json model {model.get('type')!r}); GGUF export supports "
-                        "byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM, GPT-2 style) so far, not SentencePiece ones")
+    if tokenizer_kind(json.loads(tj.read_text()) if tj.is_file() else {}) is None:
+        raise UserError(f"{run.root}: the tokenizer (RUN/merged/tokenizer.json) is neither a byte-level BPE (Llama 3, Qwen2, SmolLM) nor a "
+                        "SentencePiece-style BPE with byte fallback (Llama 2, Mistral); GGUF export supports those two")
     return config, family
+
+
+def tokenizer_kind(spec: dict[str, Any]) -> str | None:
+    """llama.cpp's name for the tokenizer a tokenizer.json describes: "gpt2" (byte-level BPE), "llama" (SentencePiece BPE,
+    as transformers converts Llama 2's and Mistral's tokenizer.model), or None (Unigram, WordPiece, ...: not mapped)."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    if "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        return "gpt2"
+    return "llama" if model.get("byte_fallback") else None
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts `▁` before a text's first word (a Prepend normalizer, or Metaspace's prepend scheme)."""
+    norm, pre = json.dumps(spec.get("normalizer")), spec.get("pre_tokenizer") or {}
+    metaspaces = [p for p in [pre, *pre.get("pretokenizers", [])] if p.get("type") == "Metaspace"]
+    return '"Prepend"' in norm or any(p.get("prepend_scheme", "always") != "never" and p.get("add_prefix_space", True) for p in metaspaces)
+
+
+def _sentencepiece_scores(spec: dict[str, Any], n_vocab: int, by_id: dict[int, str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose joined piece has the highest score;
+    the HF tokenizer merges the pair of lowest merge rank. Scoring each piece minus the rank of the first merge that makes
+    it gives the same order (what Llama 2's tokenizer.model scores are: minus the piece's rank). Pieces no merge makes
+    (characters, bytes, specials) score 0: they are never the result of a merge."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate(spec["model"].get("merges") or []):
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        rank.setdefault(a + b, r)
+    return [-float(rank[by_id[i]] + 1) if i in by_id and by_id[i] in rank else 0.0 for i in range(n_vocab)]
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
@@ -142,7 +170,9 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
     w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    # tokenizer: every id's token (added ones included), its type, the merges, special ids, chat template
+    # tokenizer: every id's token (added ones included), its type, the merges or scores, special ids, chat template
+    spec = json.loads((merged_dir / "tokenizer.json").read_text())
+    kind = tokenizer_kind(spec)
     n_vocab = max(len(tok), int(config.get("vocab_size", 0)))
     by_id = {i: t for t, i in tok.get_vocab().items()}
     special = set(tok.all_special_ids)
@@ -151,15 +181,29 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
     for i in range(n_vocab):
         if i in by_id:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+            if kind == "llama" and i == tok.unk_token_id:
+                types.append(gguf.TokenType.UNKNOWN)
+            elif i in special:
+                types.append(gguf.TokenType.CONTROL)
+            elif i in added:
+                types.append(gguf.TokenType.USER_DEFINED)
+            elif kind == "llama" and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">"):
+                types.append(gguf.TokenType.BYTE)  # byte fallback's <0xNN>: llama.cpp spells unknown characters with these
+            else:
+                types.append(gguf.TokenType.NORMAL)
         else:  # embedding rows past the tokenizer (a vocabulary padded to a multiple of 64)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(kind)
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special_vocab = gguf.SpecialVocab(merged_dir, load_merges=True, n_vocab=n_vocab)
+    if kind == "llama":
+        # No merges: llama.cpp's SentencePiece tokenizer works from scores (and transformers' reader rebuilds the merges
+        # from them, so the check below tests the scores, not a copy of the merges).
+        w.add_token_scores(_sentencepiece_scores(spec, n_vocab, by_id))
+        w.add_add_space_prefix(_space_prefix(spec))
+    special_vocab = gguf.SpecialVocab(merged_dir, load_merges=kind == "gpt2", n_vocab=n_vocab)
     if tok.chat_template and not special_vocab.chat_template:
         special_vocab.chat_template = tok.chat_template
     special_vocab.add_to_gguf(w)
@@ -281,21 +325,41 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         out.update(greedy_tokens_compared=compared, greedy_tokens_equal=equal, greedy_flips_beyond_margin=flips)
         if flips:
             failures.append(f"greedy continuations differ at {flips} step(s) where the merged model's top-2 margin exceeds twice the gap")
-    # tokenizer, template, special ids
-    prompts = [tok.decode(row[: int(m.sum())], skip_special_tokens=False) for row, m in zip(ids, mask)]
-    same_ids = all(tok_back(p, add_special_tokens=False)["input_ids"] == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
-    specials = {k: (getattr(tok, f"{k}_token_id"), getattr(tok_back, f"{k}_token_id")) for k in ("bos", "eos", "pad", "unk")}
-    stops = (stop_ids(tok), stop_ids(tok_back))
-    template_same = None
+    # tokenizer, template, special ids, on the texts the run tokenizes: its probe rows' prompt and completion segments
+    # (each encoded on its own, as training did) and a conversation rendered by the chat template
+    texts = [t for r in read_jsonl_rows(run, len(ids)) for t in (r.get("prompt"), r.get("completion")) if t]
+    texts = texts or [tok.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    template_same, rendered = None, None
     if tok.chat_template:
         conv = [{"role": "user", "content": "What is the limitation period?"}, {"role": "assistant", "content": "Six years."},
                 {"role": "user", "content": "And for a deed?"}]
-        template_same = (tok_back.chat_template is not None and tok_back.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-                         == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
-    out.update(tokenizer_same_ids=same_ids, special_ids={k: v[0] for k, v in specials.items()}, special_ids_same=all(a == b for a, b in specials.values()),
+        rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        template_same = tok_back.chat_template is not None and tok_back.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == rendered
+        texts.append(rendered)
+    kind = tokenizer_kind(json.loads((run.merged / "tokenizer.json").read_text()))
+    if kind == "llama":
+        # transformers' reader rebuilds the merges from the file's scores (what llama.cpp tokenizes with): compare it on
+        # the plain text between special tokens; how text after a special token is spaced is llama.cpp's own rule, below.
+        added = tok.get_added_vocab()
+        pieces = [f for t in texts for f in _split_keep(tok, t) if f not in added and f.strip()]
+        same_ids = all(tok_back(f, add_special_tokens=False)["input_ids"] == tok(f, add_special_tokens=False)["input_ids"] for f in pieces)
+        prefix = _llamacpp_space_prefix(tok, texts)
+        out.update(llamacpp_add_space_prefix=prefix, llamacpp_rule_same_ids=prefix is not None)
+        if prefix is None:
+            failures.append("llama.cpp would tokenize the text after special tokens differently from the run's tokenizer, with or without "
+                            "its space prefix (the chat markers' neighbours would be tokens the model never saw)")
+        elif prefix != _space_prefix(json.loads((run.merged / "tokenizer.json").read_text())):
+            failures.append(f"the file says add_space_prefix={not prefix}, but llama.cpp matches the run's tokenizer with {prefix}")
+    else:
+        same_ids = all(tok_back(t, add_special_tokens=False)["input_ids"] == tok(t, add_special_tokens=False)["input_ids"] for t in texts)
+    specials = {k: (getattr(tok, f"{k}_token_id"), getattr(tok_back, f"{k}_token_id")) for k in ("bos", "eos", "pad", "unk")}
+    stops = (stop_ids(tok), stop_ids(tok_back))
+    adds_bos = (tok("x")["input_ids"][:1] == [tok.bos_token_id], tok_back("x")["input_ids"][:1] == [tok_back.bos_token_id])
+    out.update(tokenizer_texts=len(texts), tokenizer_same_ids=same_ids, special_ids={k: v[0] for k, v in specials.items()},
+               special_ids_same=all(a == b for a, b in specials.values()) and adds_bos[0] == adds_bos[1], adds_bos=adds_bos[0],
                stop_ids=stops[0], stop_ids_same=stops[0] == stops[1], chat_template_same=template_same)
     if not same_ids:
-        failures.append("the tokenizer read from the file encodes the probe prompts differently")
+        failures.append("the tokenizer read from the file encodes the probe texts differently")
     if not out["special_ids_same"] or not out["stop_ids_same"]:
         failures.append(f"special ids differ: {specials}, stops {stops}")
     if template_same is False:
@@ -303,6 +367,54 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
     out["failures"] = failures
     out["passed"] = not failures
     return out
+
+
+def read_jsonl_rows(run: RunDir, n: int) -> list[dict[str, Any]]:
+    """The rows probe_batch takes its probes from (validation first), for their prompt and completion texts."""
+    from data_prep.jsonl import read_jsonl
+
+    rows: list[dict[str, Any]] = []
+    for name in ("val.jsonl", "train.jsonl"):
+        if len(rows) < n and (run.data / name).is_file():
+            rows += read_jsonl(run.data / name)
+    return rows[:n]
+
+
+def _llamacpp_space_prefix(tok, texts: list[str]) -> bool | None:
+    """The add_space_prefix under which llama.cpp's SentencePiece rule gives the run tokenizer's ids on every text, or None.
+
+    llama.cpp (llama-vocab.cpp, LLAMA_VOCAB_TYPE_SPM) cuts the text at special tokens, and with add_space_prefix puts a
+    space before each raw fragment that starts the text or follows a special token, then writes spaces as `▁` and
+    tokenizes the fragment as one piece of text. The run's BPE model, called on that string directly (no normalizer,
+    no pre-tokenizer), stands in for the tokenization of one fragment; the scores are checked against transformers'
+    reader separately."""
+    model = tok.backend_tokenizer.model
+    added = tok.get_added_vocab()
+
+    def emulate(text: str, prefix: bool) -> list[int]:
+        ids, prev_special = [], True
+        for part in _split_keep(tok, text):
+            if part in added:
+                ids.append(added[part])
+                prev_special = True
+                continue
+            s = (" " if prefix and prev_special else "") + part
+            ids += [t.id for t in model.tokenize(s.replace(" ", "\u2581"))]
+            prev_special = False
+        return ids
+
+    for prefix in (True, False):
+        if all(emulate(t, prefix) == tok(t, add_special_tokens=False)["input_ids"] for t in texts):
+            return prefix
+    return None
+
+
+def _split_keep(tok, text: str) -> list[str]:
+    """`text` cut at the tokenizer's added tokens (kept, as their own parts), as llama.cpp cuts it before tokenizing."""
+    import re
+
+    added = sorted(tok.get_added_vocab(), key=len, reverse=True)
+    return [p for p in (re.split("(" + "|".join(map(re.escape, added)) + ")", text) if added else [text]) if p]
 
 
 def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None = None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`--smoke`: any recipe end to end on a CPU in a couple of minutes, offline.
 
-The base model becomes a tiny randomly initialised model of the same family (families.py), with a byte-level BPE
-tokenizer trained in milliseconds on the recipe's sample data; data and eval come from the recipe's `samples`;
-steps are capped; 4-bit quantisation still runs; publish goes to file://RUN/hub.
+The base model becomes a tiny randomly initialised model of the same family (families.py), with a tokenizer of the
+real base's kind (`samples.tokenizer`: byte-level BPE, or SentencePiece-style) trained in milliseconds on the recipe's
+sample data; data and eval come from the recipe's `samples`; steps are capped; 4-bit quantisation still runs; publish goes to file://RUN/hub.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[
     # PII gates still run.
     d["publish"]["gate"]["max_regression"] = None
     d["samples"] = None
-    return parse_recipe(apply_overrides(d, list(overrides or [])), "recipe (--smoke)")
+    # `samples.*` overrides were applied to the recipe this started from, and the smoke recipe has no samples section.
+    again = [o for o in overrides or [] if not o.split("=", 1)[0].strip().startswith("samples.")]
+    return parse_recipe(apply_overrides(d, again), "recipe (--smoke)")
 
 
 def _corpus(sample_files: list[Path]) -> list[str]:
@@ -122,7 +124,10 @@ def _strings(obj: Any) -> list[str]:
     return []
 
 
-def build_tokenizer(texts: list[str]):
+def build_tokenizer(texts: list[str], kind: str = "byte_level"):
+    """A tokenizer trained on `texts`: byte-level BPE, or with kind="sentencepiece" one shaped like Llama 2's and Mistral's."""
+    if kind == "sentencepiece":
+        return build_sentencepiece_tokenizer(texts)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -143,6 +148,39 @@ def build_tokenizer(texts: list[str]):
     return tok
 
 
+def build_sentencepiece_tokenizer(texts: list[str]):
+    """The layout of Llama 2's and Mistral-7B v0.1's tokenizer.json (what transformers converts their tokenizer.model to):
+    ids 0-2 `<unk>` `<s>` `</s>`, then the 256 byte tokens `<0x00>`..`<0xFF>` that byte fallback spells unknown
+    characters with, then the learned pieces, words marked by a leading `▁`; a space is prepended to each text (and to
+    each piece of text after a special token). The chat and pad tokens are added after the base vocabulary, as a
+    fine-tune adds them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<unk>", "<s>", "</s>"]
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Pieces never cross a word boundary (SentencePiece's default): learn on words, each with its leading `▁`.
+    learn.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    learn.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=SMOKE_VOCAB - 256, special_tokens=base, show_progress=False))
+    learned = json.loads(learn.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(base)}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in base])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed: int = 0) -> None:
     """Write the tiny stand-in (safetensors + tokenizer) to RUN/base, unless an identical one is there."""
     import torch
@@ -153,10 +191,12 @@ def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed:
     files = [resolve_path(recipe_dir, p) for p in [recipe.samples.data, recipe.samples.eval, *[t.path for t in recipe.samples.tasks if t.path],
                                                    *recipe.samples.cpt] if p]
     key = {"family": family, "samples": [str(p) for p in files], "sizes": [p.stat().st_size if p.exists() else -1 for p in files], "seed": seed, "version": 2}
+    if recipe.samples.tokenizer != "byte_level":  # stand-ins built before the field existed keep their key
+        key["tokenizer"] = recipe.samples.tokenizer
     stamp = run.base / "standin.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key:
         return
-    tok = build_tokenizer(_corpus(files))
+    tok = build_tokenizer(_corpus(files), recipe.samples.tokenizer)
     cfg = tiny_config(family, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -206,6 +206,12 @@ def test_export_bad_input_one_message_exit_2_nothing_written(smoke_runs, tmp_pat
     (mine / "notes.txt").write_text("keep")
     done = _cli("export", run, "--out", mine)
     assert done.returncode == 2 and "finetune did not write" in done.stderr and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    tj = run / "merged" / "tokenizer.json"
+    kept = tj.read_text()
+    tj.write_text(json.dumps({**json.loads(kept), "model": {"type": "Unigram", "vocab": []}}))
+    done = _cli("export", run)
+    assert done.returncode == 2 and "neither a byte-level BPE" in done.stderr and "SentencePiece-style BPE with byte fallback" in done.stderr
+    tj.write_text(kept)
     cfg = json.loads((run / "merged" / "config.json").read_text())
     (run / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
     done = _cli("export", run)
@@ -302,6 +308,87 @@ def test_llama_and_qwen2_runs_export_with_their_chat_template(tmp_path, family):
     assert {c["family"] for c in checks.values()} == {family}
     mf = modelfile(run / "export" / "Modelfile")
     assert "{{ .Content }}" in mf["TEMPLATE"][0] and 'stop "<|im_end|>"' in " ".join(mf["PARAMETER"]).replace('"""', '"')
+
+
+# --------------------------------------------------------------------------------------------------
+# SentencePiece tokenizers (Llama 2, Mistral-7B v0.1: the real bases of the shipped recipes): "llama" vocabulary with
+# scores and byte tokens, and llama.cpp's rule for the space after a special token
+
+
+@pytest.fixture(scope="module")
+def spm_chat_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("spm") / "run"
+    done = _cli("run", RECIPES / "medical.yaml", "--smoke", "--run-dir", run, "--set", "samples.tokenizer=sentencepiece", "--set", "data.template=chat",
+                "--set", "base_model.family=llama", cwd=run.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow
+def test_sentencepiece_run_exports_with_scores_byte_tokens_and_its_space_rule(spm_chat_run, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(spm_chat_run, run)
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    spec = json.loads((run / "merged" / "tokenizer.json").read_text())
+    assert spec["model"]["byte_fallback"] and tok.convert_ids_to_tokens([3, 258]) == ["<0x00>", "<0xFF>"]
+    for dtype in ("f16", "q8_0"):
+        done = _cli("export", run, "--dtype", dtype)
+        assert done.returncode == 0, done.stderr[-2000:]
+    checks = json.loads((run / "export" / "export_check.json").read_text())["files"]
+    assert set(checks) == {"medical-mistral-7b-f16.gguf", "medical-mistral-7b-q8_0.gguf"}
+    assert all(c["passed"] and c["tokenizer_same_ids"] and c["chat_template_same"] and c["llamacpp_add_space_prefix"] is True for c in checks.values())
+    # What llama.cpp reads: the metadata itself (gguf's reader), independently of transformers
+    r = gguf.GGUFReader(run / "export" / "medical-mistral-7b-f16.gguf")
+
+    def field(key):
+        f = r.fields[key]
+        return [f.contents(i) for i in range(len(f.data))] if len(f.data) > 1 else f.contents()
+
+    assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.add_space_prefix") is True
+    assert "tokenizer.ggml.merges" not in r.fields
+    tokens, types, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"), field("tokenizer.ggml.scores")
+    assert tokens[:4] == ["<unk>", "<s>", "</s>", "<0x00>"] and types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+                                                                           gguf.TokenType.BYTE]
+    assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+    # each merged piece scores minus the rank of its first merge: later merges score lower
+    merges = [m if isinstance(m, list) else m.split(" ") for m in spec["model"]["merges"]]
+    first, last = "".join(merges[0]), "".join(merges[-1])
+    assert scores[tok.convert_tokens_to_ids(first)] == -1.0 and scores[tok.convert_tokens_to_ids(last)] < -len(merges) / 2
+    # the file's tokenizer, as transformers builds it from those scores, spells unknown characters with byte tokens
+    back = AutoTokenizer.from_pretrained(run / "export", gguf_file="medical-mistral-7b-f16.gguf")
+    text = "Dose: 5 µg — naïve ✓"
+    assert back(text)["input_ids"] == tok(text)["input_ids"] and "<0xE2>" in tok.convert_ids_to_tokens(tok(text)["input_ids"])
+
+
+@pytest.mark.slow
+def test_sentencepiece_checks_can_fail(spm_chat_run, tmp_path, monkeypatch):
+    """Scores that order the merges wrongly, and a tokenizer whose spacing after special tokens llama.cpp cannot
+    reproduce, are each refused (exit 1, no file)."""
+    from finetune import export as ex
+    from finetune.errors import StageFailed
+
+    run = tmp_path / "run"
+    shutil.copytree(spm_chat_run, run)
+    right = ex._sentencepiece_scores
+    monkeypatch.setattr(ex, "_sentencepiece_scores", lambda *a: [-s for s in right(*a)])  # last merge first
+    with pytest.raises(StageFailed, match="encodes the probe texts differently"):
+        ex.export(run, "gguf", "f16")
+    monkeypatch.undo()
+    assert not list((run / "export").glob("*.gguf"))
+    # Metaspace with prepend_scheme "first" (no `▁` after a special token): llama.cpp puts one there when
+    # add_space_prefix is on (the first text needs it), so no setting reproduces the run's ids on a chat prompt.
+    tj = run / "merged" / "tokenizer.json"
+    spec = json.loads(tj.read_text())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    tj.write_text(json.dumps(spec))
+    with pytest.raises(StageFailed, match="llama.cpp would tokenize the text after special tokens differently"):
+        ex.export(run, "gguf", "f16")
+    check = json.loads((run / "export" / "export_check.json").read_text())["files"]["medical-mistral-7b-f16.gguf"]
+    assert check["passed"] is False and check["llamacpp_add_space_prefix"] is None
 
 
 # --------------------------------------------------------------------------------------------------
