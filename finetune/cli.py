@@ -470,14 +470,16 @@ def serve(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run
           api_key_env: Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key; when it is set, requests "
                                                                           "need `Authorization: Bearer KEY`.")] = "FINETUNE_API_KEY",
           max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for.")] = 512,
-          max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 1_000_000) -> None:
+          max_request_bytes: Annotated[int, typer.Option("--max-request-bytes", help="Largest request body.")] = 1_000_000,
+          engine: Annotated[str, typer.Option("--engine", help="auto (vLLM when installed and a GPU is present, else transformers), "
+                                                                "vllm or transformers.")] = "auto") -> None:
     """An OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions, streaming) for the run's model."""
     from .chat import check_run
     from .serve import serve as run_serve
 
     check_run(run_dir)
     _quiet_libraries()
-    run_serve(run_dir, model, host, port, api_key_env, max_tokens, max_request_bytes)
+    run_serve(run_dir, model, host, port, api_key_env, max_tokens, max_request_bytes, engine)
 
 
 def _check_use(use: str) -> None:

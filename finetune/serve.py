@@ -12,7 +12,10 @@
   unknown fields of the wrong type, an unknown model (404), a body over `--max-request-bytes` (413) and malformed JSON
   are answered with a JSON error, never a crash. Requests are served one at a time (a lock): concurrent ones wait.
 - SIGTERM/SIGINT: uvicorn finishes the request in flight and exits 0.
-- transformers only: vLLM (for GPUs) is not wired in yet.
+- `--engine auto` (default) generates with vLLM when it is installed and a CUDA GPU is present, with transformers
+  otherwise; `--engine vllm` / `--engine transformers` choose. vLLM serves the verified merged model, or the base with
+  RUN/adapter as a LoRA (`LoRARequest`) when there is no merged model that passed its check; its offline `LLM.generate`
+  is blocking, so a streamed vLLM answer arrives as one chunk.
 """
 
 import json
@@ -125,6 +128,85 @@ class Engine:
         yield "", finish, len(ids), n_new
 
 
+# vLLM allocates LoRA slots of these ranks (vllm.config.LoRAConfig); an adapter's rank must fit in the slot.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMEngine(Engine):
+    """vLLM's offline engine (`vllm.LLM`) behind the same interface: the run's prompt and stops, one request at a time."""
+
+    def __init__(self, llm, lora, tok, recipe, name: str):
+        super().__init__(None, tok, recipe, name)
+        self.llm, self.lora = llm, lora
+
+    def stream(self, prompt: str, max_tokens: int, temperature: float, stop: list[str]) -> Iterator[tuple[str, str | None, int, int]]:
+        from vllm import SamplingParams
+
+        from .lm import stop_ids
+        from .templates import token_ids
+
+        ids = token_ids(self.tok, prompt, True)  # the run's own BOS handling, not vLLM's tokenizer call
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=[s for s in stop if s] or None,
+                                stop_token_ids=stop_ids(self.tok), skip_special_tokens=True)
+        with self.lock:
+            done = self.llm.generate([{"prompt_token_ids": ids}], params, lora_request=self.lora, use_tqdm=False)
+        out = done[0].outputs[0]
+        if out.text:
+            yield out.text, None, len(ids), len(out.token_ids)
+        yield "", "length" if out.finish_reason == "length" else "stop", len(ids), len(out.token_ids)
+
+
+def pick_engine(engine: str) -> str:
+    """auto -> vllm when it is importable and CUDA is present, else transformers; an explicit vllm must be usable."""
+    import importlib.util
+
+    if engine not in ("auto", "vllm", "transformers"):
+        raise UserError(f"--engine {engine!r}: auto, vllm or transformers")
+    if engine == "transformers":
+        return engine
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if engine == "vllm" and not (has_vllm and gpu):
+        raise UserError("--engine vllm needs the vllm package (pip install vllm) and a CUDA GPU; "
+                        f"here: vllm {'installed' if has_vllm else 'missing'}, GPU {'present' if gpu else 'missing'}")
+    return "vllm" if has_vllm and gpu else "transformers"
+
+
+def load_vllm_engine(run_dir: Path, which: str) -> VLLMEngine:
+    from vllm import LLM
+
+    from .chat import check_run
+    from .evaluate import merged_to_score
+    from .models import load_tokenizer
+
+    run = check_run(run_dir)
+    recipe, _ = run.load_recipe()
+    base = recipe.base_model
+    merged = merged_to_score(run) if which == "tuned" else None
+    lora = None
+    if merged is not None:
+        llm = LLM(model=str(merged), tokenizer=str(merged), dtype=recipe.merge.dtype, trust_remote_code=base.trust_remote_code)
+        tok = load_tokenizer(str(merged), recipe)
+    else:
+        rev = None if Path(base.id).exists() else base.revision
+        kw: dict[str, Any] = {}
+        if which == "tuned":
+            from vllm.lora.request import LoRARequest
+
+            rank = next((r for r in VLLM_LORA_RANKS if r >= recipe.lora.r), None)
+            if rank is None:
+                raise UserError(f"lora.r {recipe.lora.r} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]}); merge the run, or --engine transformers")
+            kw = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+            lora = LoRARequest(recipe.name, 1, str(run.adapter.resolve()))
+        # The base in its 16-bit dtype plus the adapter's update: what merge.base original_16bit (the default) writes;
+        # the 4-bit rounding the adapter trained against is not applied (merge_check.json records that gap).
+        llm = LLM(model=base.id, revision=rev, dtype=base.dtype, trust_remote_code=base.trust_remote_code, **kw)
+        tok = load_tokenizer(base.id, recipe)
+    return VLLMEngine(llm, lora, tok, recipe, recipe.name if which == "tuned" else f"{recipe.name}-base")
+
+
 def load_engine(run_dir: Path, which: str) -> Engine:
     from .chat import check_run, load_run_model
     from .models import load_model, load_tokenizer
@@ -234,7 +316,8 @@ def check_port(host: str, port: int) -> None:
                             "Pick another --port") from None
 
 
-def serve(run_dir: Path, which: str, host: str, port: int, api_key_env: str | None, max_tokens: int, max_request_bytes: int) -> None:
+def serve(run_dir: Path, which: str, host: str, port: int, api_key_env: str | None, max_tokens: int, max_request_bytes: int,
+          engine_kind: str = "auto") -> None:
     import sys
 
     try:
@@ -246,9 +329,10 @@ def serve(run_dir: Path, which: str, host: str, port: int, api_key_env: str | No
         raise UserError(f"--model {which!r}: tuned or base")
     if max_tokens < 1 or max_request_bytes < 1:
         raise UserError("--max-tokens and --max-request-bytes must be at least 1")
+    kind = pick_engine(engine_kind)
     check_port(host, port)
-    engine = load_engine(run_dir, which)
+    engine = load_vllm_engine(run_dir, which) if kind == "vllm" else load_engine(run_dir, which)
     app = build_app(engine, api_key_env=api_key_env, max_tokens=max_tokens, max_request_bytes=max_request_bytes)
     keyed = " (API key required)" if api_key_env and os.environ.get(api_key_env) else ""
-    sys.stderr.write(f"[finetune] serving {engine.name!r} on http://{host}:{port}/v1{keyed}; Ctrl-C or SIGTERM stops\n")
+    sys.stderr.write(f"[finetune] serving {engine.name!r} ({kind}) on http://{host}:{port}/v1{keyed}; Ctrl-C or SIGTERM stops\n")
     uvicorn.run(app, host=host, port=port, log_level="warning")
