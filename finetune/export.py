@@ -37,8 +37,14 @@ from .errors import StageFailed, UserError
 from .run import RunDir
 
 # model_type -> (gguf architecture, q/k permuted to llama.cpp's rotary layout). Mistral is written as llama, as
-# llama.cpp's own converter does. Other families (mixtral's stacked experts, gemma's norms) are not mapped here yet.
+# llama.cpp's own converter does.
 FAMILIES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+# Families finetune trains that are refused, and why.
+NOT_MAPPED = {
+    # llama.cpp reads Mixtral as "llama" with stacked experts (ffn_gate_exps ...), but transformers' GGUF reader builds a
+    # dense LlamaForCausalLM from such a file: nothing independent could read the export back, so it is not written.
+    "mixtral": "transformers' GGUF reader cannot load a llama file with experts, so the export could not be verified",
+}
 DTYPES = ("f16", "bf16", "q8_0")
 # Q8_0 stores each block of 32 weights as int8 times one f16 scale (absmax / 127): a weight moves by at most half a
 # step, 0.4% of its block's largest. Summed over a model's layers the logits move by a few tenths of a percent to a
@@ -105,7 +111,8 @@ def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
     config = json.loads((run.merged / "config.json").read_text())
     family = config.get("model_type")
     if family not in FAMILIES:
-        raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF yet; supported: {', '.join(FAMILIES)}")
+        why = NOT_MAPPED.get(family, "its tensors are not mapped to llama.cpp's yet")
+        raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF ({why}); supported: {', '.join(FAMILIES)}")
     tj = run.merged / "tokenizer.json"
     if tokenizer_kind(json.loads(tj.read_text()) if tj.is_file() else {}) is None:
         raise UserError(f"{run.root}: the tokenizer (RUN/merged/tokenizer.json) is neither a byte-level BPE (Llama 3, Qwen2, SmolLM) nor a "

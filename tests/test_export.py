@@ -215,7 +215,11 @@ def test_export_bad_input_one_message_exit_2_nothing_written(smoke_runs, tmp_pat
     cfg = json.loads((run / "merged" / "config.json").read_text())
     (run / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
     done = _cli("export", run)
-    assert done.returncode == 2 and "a 'gemma2' model cannot be exported to GGUF yet; supported: llama, mistral, qwen2" in done.stderr
+    assert done.returncode == 2 and "a 'gemma2' model cannot be exported to GGUF (its tensors are not mapped" in done.stderr
+    assert "supported: llama, mistral, qwen2" in done.stderr
+    (run / "merged" / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    done = _cli("export", run)
+    assert done.returncode == 2 and "a 'mixtral' model cannot be exported to GGUF (transformers' GGUF reader cannot load" in done.stderr
     shutil.rmtree(run / "merged")
     done = _cli("export", run)
     assert done.returncode == 2 and "no merged model to export" in done.stderr
