@@ -294,7 +294,8 @@ class SamplesSpec(Section):
     tokenizer: Literal["byte_level", "sentencepiece"] = Field(
         "byte_level", description="The kind of tokenizer the smoke stand-in gets, to match the real base's: `byte_level` (GPT-2 style byte-level "
         "BPE: Llama 3, Qwen2, SmolLM) or `sentencepiece` (a SentencePiece-style BPE with `▁` for spaces, byte fallback and `<0xNN>` byte "
-        "tokens: Llama 2, Mistral-7B v0.1, BioMistral, SaulLM).",
+        "tokens: Llama 2, Mistral-7B v0.1, BioMistral, SaulLM). Only llama, mistral and mixtral stand-ins take `sentencepiece`; other "
+        "families are byte-level.",
     )
 
 

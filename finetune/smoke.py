@@ -21,6 +21,7 @@ from .run import RunDir
 SMOKE_STEPS = 20  # enough for the loss to move and a checkpoint to be written, ~1 s of training on 2 cores
 SMOKE_MAX_LENGTH = 256
 SMOKE_VOCAB = 1000
+SENTENCEPIECE_FAMILIES = {"llama", "mistral", "mixtral"}  # families whose real bases include SentencePiece vocabularies
 
 # A ChatML-style template with generation markers (so assistant masks work with any tool that asks for them).
 CHAT_TEMPLATE = (
@@ -191,12 +192,16 @@ def build_base(recipe: Recipe, recipe_dir: Path, run: RunDir, family: str, seed:
     files = [resolve_path(recipe_dir, p) for p in [recipe.samples.data, recipe.samples.eval, *[t.path for t in recipe.samples.tasks if t.path],
                                                    *recipe.samples.cpt] if p]
     key = {"family": family, "samples": [str(p) for p in files], "sizes": [p.stat().st_size if p.exists() else -1 for p in files], "seed": seed, "version": 2}
-    if recipe.samples.tokenizer != "byte_level":  # stand-ins built before the field existed keep their key
-        key["tokenizer"] = recipe.samples.tokenizer
+    # Only Llama 2 and Mistral-family bases have SentencePiece vocabularies; a recipe run as another family (--set
+    # base_model.family=qwen2) gets that family's byte-level kind (transformers also loads a qwen2 folder's tokenizer
+    # with Qwen2's byte-level pre-tokenizer, whatever tokenizer.json says).
+    kind = recipe.samples.tokenizer if family in SENTENCEPIECE_FAMILIES else "byte_level"
+    if kind != "byte_level":  # stand-ins built before the field existed keep their key
+        key["tokenizer"] = kind
     stamp = run.base / "standin.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key:
         return
-    tok = build_tokenizer(_corpus(files), recipe.samples.tokenizer)
+    tok = build_tokenizer(_corpus(files), kind)
     cfg = tiny_config(family, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -166,7 +166,11 @@ def test_export_reads_back_as_the_merged_model(smoke_runs, tmp_path, dtype):
     if dtype == "q8_0":
         gap = max(float((a - b).abs().max()) for a, b in zip(merged, got))
         assert 0 < gap <= 0.05 * max(float(m.abs().max()) for m in merged)
-        assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(merged, got))
+        # the top token may change only where the merged model's top-2 margin is within twice the gap
+        for a, b in zip(merged, got):
+            top2 = a.topk(2, dim=-1).values
+            flips = a.argmax(-1) != b.argmax(-1)
+            assert bool((top2[:, 0] - top2[:, 1])[flips].le(2 * gap).all()) and int(flips.sum()) <= flips.numel() // 4
     else:
         ref, _, _ = _merged_logits(run, torch.float16 if dtype == "f16" else torch.bfloat16)
         # RUN/merged is saved in merge.dtype (bfloat16), which both 16-bit formats hold exactly: the file gives the
