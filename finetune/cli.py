@@ -456,7 +456,8 @@ def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A ru
     where = Path(out) if out is not None else Path(run_dir) / "export"
     gap = check.get("vs_reference_max_abs_diff", check["vs_merged_max_abs_diff"])
     typer.secho(f"[finetune] export: {check['file']} ({check['bytes'] / 1e6:.1f} MB, {check['dtype']}); logits within {gap:.2e} of "
-                f"{'the ' + check['dtype'] + '-rounded merged model' if 'reference' in check else 'the merged model'}; tokenizer, template and "
+                f"{'the ' + check['dtype'] + '-rounded merged model' if 'reference' in check else 'the merged model'} "
+                f"({check['vs_merged_max_abs_diff']:.2e} of the unrounded one); tokenizer, template and "
                 f"stop ids identical; {check['seconds']:.0f} s", err=True)
     typer.echo(str(where / check["file"]))
 

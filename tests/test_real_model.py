@@ -186,13 +186,15 @@ def test_laptop_run_end_to_end_on_the_real_model(smollm2_gguf, tmp_path):
     card = (run / "card/README.md").read_text()
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "b179c952" in card
     # The tuned real model exported to GGUF reads back through transformers as the merged model, real tokenizer,
-    # chat template and stops included; q8_0 within its bound and greedy-equal on the probes.
+    # chat template and stops included; each file equal to the merged model rounded as it stores it (q8_0 too), and
+    # q8_0's greedy continuations equal wherever the margin allows.
     for dtype in ("f16", "q8_0"):
         r = cli("export", run, "--dtype", dtype, env={"HF_HUB_OFFLINE": "1"}, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
     checks = json.loads((run / "export" / "export_check.json").read_text())["files"]
     assert all(c["passed"] and c["chat_template_same"] and c["tokenizer_same_ids"] and c["stop_ids_same"] for c in checks.values())
-    assert checks["legal-saul-7b-f16.gguf"]["vs_reference_max_abs_diff"] <= checks["legal-saul-7b-f16.gguf"]["atol"]
+    assert all(c["vs_reference_max_abs_diff"] <= c["atol"] for c in checks.values())
+    assert checks["legal-saul-7b-q8_0.gguf"]["vs_merged_max_abs_diff"] > 10 * checks["legal-saul-7b-q8_0.gguf"]["atol"]
     assert checks["legal-saul-7b-q8_0.gguf"]["greedy_flips_beyond_margin"] == 0
     # The Modelfile renders as the run does: the legal recipe's Alpaca prompt; and for a chat run, the real chat template
     # (SmolLM2's adds a default system prompt, which becomes the Modelfile's SYSTEM).
