@@ -6,7 +6,8 @@ What is written (RUN/export/ unless --out):
 - `<name>-<dtype>.gguf`: tensors renamed by gguf's own name map for the architecture; llama and mistral q/k
   projections permuted to llama.cpp's rotary layout (the inverse of what transformers undoes on load); norms and other
   1-D tensors in float32 as llama.cpp keeps them; 2-D weights in f16, bf16 or q8_0 (gguf quantizes Q8_0 itself). The
-  tokenizer (tokens, types, merges), BOS/EOS/pad/unk ids and the chat template come from the run's own tokenizer.
+  tokenizer (tokens, types, and merges for a byte-level BPE or scores for a SentencePiece-style one), BOS/EOS/pad/unk
+  ids and the chat template come from the run's own tokenizer.
 - `<name>-<dtype>.Modelfile` (Ollama; modelfile.py): FROM, TEMPLATE, PARAMETER stop for every stop string, SYSTEM;
   and `Modelfile`, a copy of the latest export's.
 - `export_check.json`: per GGUF file, what was compared and the result. A failed check refuses the export (exit 1, like a failed
@@ -19,8 +20,10 @@ The check, on the merge stage's probe rows:
   to the unrounded merged model is recorded too (what quantization cost).
 - q8_0, also: greedy continuations agree token for token wherever the merged model's top-2 margin is larger than
   twice that gap.
-- the tokenizer read back from the file encodes the probe prompts to the same ids, renders the chat template to the
-  same text, and has the same BOS, EOS, pad and stop ids.
+- the tokenizer read back from the file encodes the probe rows' prompt and completion texts (and a rendered
+  conversation) to the same ids, renders the chat template to the same text, and has the same BOS, EOS, pad and stop
+  ids. For a SentencePiece vocabulary it is compared on the text between special tokens, and llama.cpp's own rule
+  for the space after a special token is replayed with the run's BPE model (_llamacpp_space_prefix).
 - when the `ollama` binary is on PATH, `ollama create finetune-check-<name> -f <Modelfile>` must succeed (recorded as
   skipped, with the reason, otherwise).
 """
@@ -348,15 +351,15 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
     # (each encoded on its own, as training did) and a conversation rendered by the chat template
     texts = [t for r in read_jsonl_rows(run, len(ids)) for t in (r.get("prompt"), r.get("completion")) if t]
     texts = texts or [tok.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(ids, mask)]
-    template_same, rendered = None, None
+    template_same = None
     if tok.chat_template:
         conv = [{"role": "user", "content": "What is the limitation period?"}, {"role": "assistant", "content": "Six years."},
                 {"role": "user", "content": "And for a deed?"}]
         rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         template_same = tok_back.chat_template is not None and tok_back.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == rendered
         texts.append(rendered)
-    kind = tokenizer_kind(json.loads((run.merged / "tokenizer.json").read_text()))
-    if kind == "llama":
+    spec = json.loads((run.merged / "tokenizer.json").read_text())
+    if tokenizer_kind(spec) == "llama":
         # transformers' reader rebuilds the merges from the file's scores (what llama.cpp tokenizes with): compare it on
         # the plain text between special tokens; how text after a special token is spaced is llama.cpp's own rule, below.
         added = tok.get_added_vocab()
@@ -367,7 +370,7 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         if prefix is None:
             failures.append("llama.cpp would tokenize the text after special tokens differently from the run's tokenizer, with or without "
                             "its space prefix (the chat markers' neighbours would be tokens the model never saw)")
-        elif prefix != _space_prefix(json.loads((run.merged / "tokenizer.json").read_text())):
+        elif prefix != _space_prefix(spec):
             failures.append(f"the file says add_space_prefix={not prefix}, but llama.cpp matches the run's tokenizer with {prefix}")
     else:
         same_ids = all(tok_back(t, add_special_tokens=False)["input_ids"] == tok(t, add_special_tokens=False)["input_ids"] for t in texts)
