@@ -450,9 +450,13 @@ def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A ru
     """Write the merged model as one GGUF file with an Ollama Modelfile, verified by loading it back through transformers'
     GGUF reader (export_check.json); a failed check writes no model file and exits 1."""
     from .export import export as run_export
+    from .runlock import exclusive
 
     _quiet_libraries()
-    check = run_export(run_dir, to, dtype, out)  # the check of this file
+    # The run's lock: a `finetune run --force merge` rewriting RUN/merged, or a second export updating
+    # export_check.json, must not interleave with this one.
+    with exclusive(run_dir):
+        check = run_export(run_dir, to, dtype, out)  # the check of this file
     where = Path(out) if out is not None else Path(run_dir) / "export"
     gap = check.get("vs_reference_max_abs_diff", check["vs_merged_max_abs_diff"])
     typer.secho(f"[finetune] export: {check['file']} ({check['bytes'] / 1e6:.1f} MB, {check['dtype']}); logits within {gap:.2e} of "

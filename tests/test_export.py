@@ -261,6 +261,25 @@ def test_export_bad_input_one_message_exit_2_nothing_written(smoke_runs, tmp_pat
     assert not (run / "export").exists()
 
 
+def test_export_is_refused_while_another_command_writes_the_run(smoke_runs, tmp_path):
+    """A second export (or a merge) holding the run's lock: exit 2 naming the holder, nothing written; then it runs."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["legal"][0], run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom finetune.runlock import exclusive\n"
+                               f"with exclusive({str(run)!r}, 'finetune export (holder)'):\n    print('held', flush=True)\n    time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = _cli("export", run)
+        assert done.returncode == 2 and "another finetune command is writing this run" in done.stderr and "finetune export (holder)" in done.stderr
+        assert not (run / "export").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    done = _cli("export", run)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # Modelfile
 
