@@ -210,6 +210,12 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
         # from them, so the check below tests the scores, not a copy of the merges).
         w.add_token_scores(_sentencepiece_scores(spec, n_vocab, by_id))
         w.add_add_space_prefix(_space_prefix(spec))
+    from .lm import stop_ids
+
+    # The end-of-turn token (ChatML's <|im_end|>) when it is not EOS: llama.cpp ends a generation at it (an EOG token).
+    eot = [i for i in stop_ids(tok) if i != tok.eos_token_id]
+    if eot:
+        w.add_eot_token_id(eot[0])
     special_vocab = gguf.SpecialVocab(merged_dir, load_merges=kind == "gpt2", n_vocab=n_vocab)
     if tok.chat_template and not special_vocab.chat_template:
         special_vocab.chat_template = tok.chat_template

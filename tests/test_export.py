@@ -411,6 +411,8 @@ def test_sentencepiece_run_exports_with_scores_byte_tokens_and_its_space_rule(sp
     assert tokens[:4] == ["<unk>", "<s>", "</s>", "<0x00>"] and types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
                                                                            gguf.TokenType.BYTE]
     assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+    assert field("tokenizer.ggml.eot_token_id") == tok.convert_tokens_to_ids("<|im_end|>") != field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id and field("tokenizer.ggml.padding_token_id") == tok.pad_token_id
     # each merged piece scores minus the rank of its first merge: later merges score lower
     merges = [m if isinstance(m, list) else m.split(" ") for m in spec["model"]["merges"]]
     first, last = "".join(merges[0]), "".join(merges[-1])
