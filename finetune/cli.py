@@ -463,6 +463,10 @@ def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A ru
                 f"{'the ' + check['dtype'] + '-rounded merged model' if 'reference' in check else 'the merged model'} "
                 f"({check['vs_merged_max_abs_diff']:.2e} of the unrounded one); tokenizer, template and "
                 f"stop ids identical; {check['seconds']:.0f} s", err=True)
+    lc = check.get("llama_cpp") or {}
+    typer.secho(f"[finetune] export: llama.cpp {lc['version']} reads it: {lc['texts_same_ids']}/{lc['texts']} probe texts tokenized the "
+                f"same, top token equal at {lc['top_token_equal']}/{lc['top_token_compared']} positions" if "version" in lc else
+                f"[finetune] export: llama.cpp check skipped ({lc.get('skipped', 'not run')}; pip install llama-cpp-python to run it)", err=True)
     typer.echo(str(where / check["file"]))
 
 

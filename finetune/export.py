@@ -114,9 +114,14 @@ def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
         why = NOT_MAPPED.get(family, "its tensors are not mapped to llama.cpp's yet")
         raise UserError(f"{run.root}: a {family!r} model cannot be exported to GGUF ({why}); supported: {', '.join(FAMILIES)}")
     tj = run.merged / "tokenizer.json"
-    if tokenizer_kind(json.loads(tj.read_text()) if tj.is_file() else {}) is None:
+    spec = json.loads(tj.read_text()) if tj.is_file() else {}
+    kind = tokenizer_kind(spec)
+    if kind is None:
         raise UserError(f"{run.root}: the tokenizer (RUN/merged/tokenizer.json) is neither a byte-level BPE (Llama 3, Qwen2, SmolLM) nor a "
                         "SentencePiece-style BPE with byte fallback (Llama 2, Mistral); GGUF export supports those two")
+    if kind == "gpt2" and bpe_pre(spec) is None:
+        raise UserError(f"{run.root}: the tokenizer's pre-tokenizer (RUN/merged/tokenizer.json) is not one llama.cpp knows by name "
+                        "(GPT-2's regex, Llama 3's, Qwen2's, ...): llama.cpp would split text differently from training")
     return config, family
 
 
@@ -129,6 +134,23 @@ def tokenizer_kind(spec: dict[str, Any]) -> str | None:
     if "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
         return "gpt2"
     return "llama" if model.get("byte_fallback") else None
+
+
+def bpe_pre(spec: dict[str, Any]) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for how a byte-level BPE splits text before merging, or None when its split
+    is not one llama.cpp knows. llama.cpp picks its own regexes by that name; "default" is none of the real ones (it
+    splits punctuation runs and digit groups its own way), so writing it would tokenize differently from training."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return "gpt-2"  # GPT-2's own regex, inside ByteLevel (GPT-2, SmolLM, the smoke stand-ins)
+    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True):
+        pattern = (parts[0].get("pattern") or {}).get("Regex")
+        # transformers' GGUF reader splits by these same regexes for these names (llama3 "llama-bpe", qwen2, ...)
+        return next((name for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == pattern), None)
+    return None
 
 
 def _space_prefix(spec: dict[str, Any]) -> bool:
@@ -202,7 +224,7 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model(kind)
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(bpe_pre(spec) if kind == "gpt2" else "default")  # SentencePiece has no pre-tokenizer: "default"
     w.add_token_list(tokens)
     w.add_token_types(types)
     if kind == "llama":
@@ -392,6 +414,57 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         failures.append(f"special ids differ: {specials}, stops {stops}")
     if template_same is False:
         failures.append("the chat template read from the file renders a conversation differently")
+    out["llama_cpp"] = llamacpp_check(gguf_path, tok, texts, ids, mask, ref_logits)
+    failures += out["llama_cpp"].get("failures", [])
+    out["failures"] = failures
+    out["passed"] = not failures
+    return out
+
+
+def llamacpp_check(path: Path, tok, texts: list[str], ids, mask, ref_logits) -> dict[str, Any]:
+    """The file as llama.cpp itself reads it, when llama-cpp-python is installed (skipped, with the reason, otherwise):
+    its token ids for the probe texts (special tokens parsed, no BOS added) must be the run tokenizer's, its BOS and EOS
+    the run's, and every stop id an end-of-generation token for it. Its logits are recorded, not judged: its CPU kernels
+    round activations to f16 or Q8_0 for the dot products, so they differ from any float32 reference by more than
+    rounding (the exact comparison is transformers' reader's, above)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed"}
+    import numpy as np
+
+    from .lm import stop_ids
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, int(ids.shape[1]) + 8), logits_all=True, verbose=False)
+    try:
+        differ = [t for t in texts if llm.tokenize(t.encode(), add_bos=False, special=True) != tok(t, add_special_tokens=False)["input_ids"]]
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        not_eog = [i for i in stop_ids(tok) if not llama_cpp.llama_vocab_is_eog(vocab, i)]
+        gap, agree, total = 0.0, 0, 0
+        for row, m, want in zip(ids, mask, ref_logits):
+            n = int(m.sum())
+            llm.reset()
+            llm.eval(row[:n].tolist())
+            got = np.asarray(llm.scores[:n], dtype=np.float32)
+            ref = want[:n].float().numpy()
+            gap = max(gap, float(np.abs(got - ref).max()))
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += n
+        out: dict[str, Any] = {"version": llama_cpp.__version__, "texts": len(texts), "texts_same_ids": len(texts) - len(differ),
+                               "bos_eos": [llm.token_bos(), llm.token_eos()], "stop_ids_not_eog": not_eog,
+                               "logits_max_abs_diff": gap, "top_token_equal": agree, "top_token_compared": total}
+    finally:
+        close = getattr(llm, "close", None)  # llama-cpp-python >= 0.2.70 frees the model here; older ones on deletion
+        if close is not None:
+            close()
+    failures = []
+    if differ:
+        first = differ[0]
+        failures.append(f"llama.cpp tokenizes {len(differ)} of {len(texts)} probe texts differently from the run's tokenizer (first: {first[:60]!r})")
+    if out["bos_eos"] != [tok.bos_token_id, tok.eos_token_id]:
+        failures.append(f"llama.cpp reads BOS/EOS {out['bos_eos']}, the run's are {[tok.bos_token_id, tok.eos_token_id]}")
+    if not_eog:
+        failures.append(f"llama.cpp would not stop at the run's stop ids {not_eog}")
     out["failures"] = failures
     out["passed"] = not failures
     return out

@@ -451,6 +451,64 @@ def test_sentencepiece_checks_can_fail(spm_chat_run, tmp_path, monkeypatch):
     assert check["passed"] is False and check["llamacpp_add_space_prefix"] is None
 
 
+def test_byte_level_pre_tokenizer_gets_llama_cpps_name_for_it():
+    """llama.cpp picks its split regexes by tokenizer.ggml.pre; "default" matches no real tokenizer (it split SmolLM2's
+    "\\n\\n###" differently from training, found with llama.cpp itself)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from finetune.export import bpe_pre
+    from finetune.smoke import build_tokenizer
+
+    smoke = json.loads(build_tokenizer(["a b c"] * 3).backend_tokenizer.to_str())
+    assert bpe_pre(smoke) == "gpt-2"
+
+    def split(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+    assert bpe_pre(split(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"])) in ("llama3", "llama-v3", "llama-bpe")
+    assert bpe_pre(split(GGUF_PRE_TOKENIZER_SPLITS["qwen2"])) in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez")
+    assert bpe_pre(split(r"\p{L}+|\s+")) is None
+    assert bpe_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": False}}) is None
+
+
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp; finetune does not depend on it)")
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_the_export_as_the_run_tokenizes(spm_chat_run, tmp_path):
+    """With llama-cpp-python installed, the export is also read by llama.cpp itself: the same token ids on every probe
+    text (SentencePiece scores, byte tokens, the space after special tokens), the same BOS/EOS, the stops end a turn."""
+    _llama_cpp()
+    run = tmp_path / "run"
+    shutil.copytree(spm_chat_run, run)
+    for dtype in ("f16", "q8_0"):
+        done = _cli("export", run, "--dtype", dtype)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for check in json.loads((run / "export" / "export_check.json").read_text())["files"].values():
+        lc = check["llama_cpp"]
+        assert lc["passed"] and lc["texts_same_ids"] == lc["texts"] >= 5 and lc["bos_eos"] == [1, 2] and not lc["stop_ids_not_eog"]
+        assert lc["top_token_equal"] >= 0.9 * lc["top_token_compared"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_refuses_a_file_with_the_wrong_pre_tokenizer(tmp_path, monkeypatch):
+    """The bug llama.cpp found: a byte-level BPE written with pre "default" tokenizes "\\n\\n" apart; the export fails."""
+    _llama_cpp()
+    from finetune import export as ex
+    from finetune.errors import StageFailed
+
+    run = tmp_path / "run"
+    done = _cli("run", RECIPES / "legal.yaml", "--smoke", "--run-dir", run, "--set", "samples.tokenizer=byte_level", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ex.export(run, "gguf", "f16")["llama_cpp"]["passed"]
+    monkeypatch.setattr(ex, "bpe_pre", lambda spec: "default")
+    with pytest.raises(StageFailed, match="llama.cpp tokenizes .* probe texts differently"):
+        ex.export(run, "gguf", "f16")
+
+
 # --------------------------------------------------------------------------------------------------
 # Publishing the GGUF: file:// (and the card's "Run it locally"), refused when stale or missing
 
