@@ -30,6 +30,12 @@ def _last_boxed(text: str) -> str | None:
         # `\boxed 5` (no braces) is valid LaTeX for a single token
         m = re.match(r"\\(?:boxed|fbox)\s+(\S+)", text[start:])
         return m.group(1) if m else None
+    j = closing_brace(text, i)
+    return text[i + 1 : j] if j is not None else None
+
+
+def closing_brace(text: str, i: int) -> int | None:
+    """Index of the `}` that closes the `{` at text[i], nested braces balanced; None when it is never closed."""
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -37,7 +43,7 @@ def _last_boxed(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
+                return j
     return None
 
 

@@ -99,8 +99,8 @@ def published_exports(run: RunDir) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
-    """(the merged model's config, its family), or one clear message (cheap: no torch)."""
+def check_exportable(run: RunDir) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(the merged model's config, its family, its tokenizer.json), or one clear message (cheap: no torch)."""
     from .artifacts import MergeCheck
 
     if not (run.merged / "config.json").is_file():
@@ -122,7 +122,7 @@ def check_exportable(run: RunDir) -> tuple[dict[str, Any], str]:
     if kind == "gpt2" and bpe_pre(spec) is None:
         raise UserError(f"{run.root}: the tokenizer's pre-tokenizer (RUN/merged/tokenizer.json) is not one llama.cpp knows by name "
                         "(GPT-2's regex, Llama 3's, Qwen2's, ...): llama.cpp would split text differently from training")
-    return config, family
+    return config, family, spec
 
 
 def tokenizer_kind(spec: dict[str, Any]) -> str | None:
@@ -176,10 +176,14 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
 
 
-def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtype: str, name: str, merged_dir: Path) -> dict[str, int]:
-    """Write `model` (float32, from RUN/merged) and `tok` to `path`. Returns tensor counts by stored type."""
+def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtype: str, name: str, merged_dir: Path,
+               spec: dict[str, Any]) -> dict[str, int]:
+    """Write `model` (float32, from RUN/merged) and `tok` (its tokenizer.json: `spec`) to `path`. Returns tensor counts by
+    stored type."""
     import gguf
     import numpy as np
+
+    from .lm import stop_ids
 
     arch_name, permute = FAMILIES[family]
     arch = getattr(gguf.MODEL_ARCH, arch_name)
@@ -200,7 +204,6 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     # tokenizer: every id's token (added ones included), its type, the merges or scores, special ids, chat template
-    spec = json.loads((merged_dir / "tokenizer.json").read_text())
     kind = tokenizer_kind(spec)
     n_vocab = max(len(tok), int(config.get("vocab_size", 0)))
     by_id = {i: t for t, i in tok.get_vocab().items()}
@@ -232,8 +235,6 @@ def write_gguf(path: Path, model, tok, config: dict[str, Any], family: str, dtyp
         # from them, so the check below tests the scores, not a copy of the merges).
         w.add_token_scores(_sentencepiece_scores(spec, n_vocab, by_id))
         w.add_add_space_prefix(_space_prefix(spec))
-    from .lm import stop_ids
-
     # The end-of-turn token (ChatML's <|im_end|>) when it is not EOS: llama.cpp ends a generation at it (an EOG token).
     eot = [i for i in stop_ids(tok) if i != tok.eos_token_id]
     if eot:
@@ -333,20 +334,22 @@ def _greedy(model, ids, mask, steps: int):
     return outs
 
 
-def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict[str, Any]:
+def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Load the file back with transformers' GGUF reader and compare it with the merged model (see the module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .lm import stop_ids
-    from .merge import derived_atol, logits, max_diff, probe_batch
+    from .merge import derived_atol, logits, max_diff, probe_rows, rows_batch
+    from .templates import adds_bos
 
     hf_logging.disable_progress_bar()  # the reader's per-tensor bar, on every export
     back = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     back.eval()
     tok_back = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    ids, mask, _ = probe_batch(run, recipe.merge.probes, tok.pad_token_id)
+    rows = probe_rows(run, recipe.merge.probes)
+    ids, mask, _ = rows_batch(rows, tok.pad_token_id)
     merged_logits = logits(model, ids, mask)
     file_logits = logits(back, ids, mask)
     absmax = float(merged_logits.abs()[mask.bool()].max())
@@ -377,7 +380,7 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
             failures.append(f"greedy continuations differ at {flips} step(s) where the merged model's top-2 margin exceeds twice the gap")
     # tokenizer, template, special ids, on the texts the run tokenizes: its probe rows' prompt and completion segments
     # (each encoded on its own, as training did) and a conversation rendered by the chat template
-    texts = [t for r in read_jsonl_rows(run, len(ids)) for t in (r.get("prompt"), r.get("completion")) if t]
+    texts = [t for r in rows for t in (r.get("prompt"), r.get("completion")) if t]
     texts = texts or [tok.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(ids, mask)]
     template_same = None
     if tok.chat_template:
@@ -386,7 +389,6 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         template_same = tok_back.chat_template is not None and tok_back.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == rendered
         texts.append(rendered)
-    spec = json.loads((run.merged / "tokenizer.json").read_text())
     if tokenizer_kind(spec) == "llama":
         # transformers' reader rebuilds the merges from the file's scores (what llama.cpp tokenizes with): compare it on
         # the plain text between special tokens; how text after a special token is spaced is llama.cpp's own rule, below.
@@ -404,9 +406,9 @@ def verify(gguf_path: Path, model, tok, run: RunDir, recipe, dtype: str) -> dict
         same_ids = all(tok_back(t, add_special_tokens=False)["input_ids"] == tok(t, add_special_tokens=False)["input_ids"] for t in texts)
     specials = {k: (getattr(tok, f"{k}_token_id"), getattr(tok_back, f"{k}_token_id")) for k in ("bos", "eos", "pad", "unk")}
     stops = (stop_ids(tok), stop_ids(tok_back))
-    adds_bos = (tok("x")["input_ids"][:1] == [tok.bos_token_id], tok_back("x")["input_ids"][:1] == [tok_back.bos_token_id])
+    bos = (adds_bos(tok), adds_bos(tok_back))
     out.update(tokenizer_texts=len(texts), tokenizer_same_ids=same_ids, special_ids={k: v[0] for k, v in specials.items()},
-               special_ids_same=all(a == b for a, b in specials.values()) and adds_bos[0] == adds_bos[1], adds_bos=adds_bos[0],
+               special_ids_same=all(a == b for a, b in specials.values()) and bos[0] == bos[1], adds_bos=bos[0],
                stop_ids=stops[0], stop_ids_same=stops[0] == stops[1], chat_template_same=template_same)
     if not same_ids:
         failures.append("the tokenizer read from the file encodes the probe texts differently")
@@ -470,17 +472,6 @@ def llamacpp_check(path: Path, tok, texts: list[str], ids, mask, ref_logits) -> 
     return out
 
 
-def read_jsonl_rows(run: RunDir, n: int) -> list[dict[str, Any]]:
-    """The rows probe_batch takes its probes from (validation first), for their prompt and completion texts."""
-    from data_prep.jsonl import read_jsonl
-
-    rows: list[dict[str, Any]] = []
-    for name in ("val.jsonl", "train.jsonl"):
-        if len(rows) < n and (run.data / name).is_file():
-            rows += read_jsonl(run.data / name)
-    return rows[:n]
-
-
 def _llamacpp_space_prefix(tok, texts: list[str]) -> bool | None:
     """The add_space_prefix under which llama.cpp's SentencePiece rule gives the run tokenizer's ids on every text, or None.
 
@@ -533,7 +524,7 @@ def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None
         raise UserError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     run = RunDir(run_dir)
     run.require()
-    config, family = check_exportable(run)
+    config, family, spec = check_exportable(run)
     out = Path(out) if out is not None else run.root / "export"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
@@ -548,8 +539,8 @@ def export(run_dir: Path, to: str = "gguf", dtype: str = "f16", out: Path | None
     name = f"{recipe.name}-{dtype}.gguf"
     partial = out / f".{name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        stored = write_gguf(partial, model, tok, config, family, dtype, recipe.name, run.merged)
-        check = verify(partial, model, tok, run, recipe, dtype)
+        stored = write_gguf(partial, model, tok, config, family, dtype, recipe.name, run.merged, spec)
+        check = verify(partial, model, tok, run, recipe, dtype, spec)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -64,18 +64,26 @@ class MergeError(StageFailed):
     pass
 
 
-def probe_batch(run: RunDir, n: int, pad_id: int):
-    """The first n validation rows (training rows when there is no validation split), right-padded: input ids, attention
-    mask, and labels (prompt masked as in training, -100 on padding) for the perplexity of the responses."""
-    import torch
-
+def probe_rows(run: RunDir, n: int) -> list[dict]:
+    """The first n validation rows (training rows when there is no validation split): the merge's and the export's probes."""
     rows = []
     for name in ("val.jsonl", "train.jsonl"):
         p = run.data / name
         rows += read_jsonl(p)
         if len(rows) >= n:
             break
-    rows = rows[:n]
+    return rows[:n]
+
+
+def probe_batch(run: RunDir, n: int, pad_id: int):
+    """probe_rows right-padded: input ids, attention mask, and labels (prompt masked as in training, -100 on padding) for
+    the perplexity of the responses."""
+    return rows_batch(probe_rows(run, n), pad_id)
+
+
+def rows_batch(rows: list[dict], pad_id: int):
+    import torch
+
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -20,18 +20,15 @@ from typing import Any
 _S = {"system": "\x01SYS\x01", "user": "\x01USR{}\x01", "assistant": "\x01AST{}\x01"}
 
 
-def _adds_bos(tok) -> bool:
-    """Whether encoding adds BOS itself (then llama.cpp adds it too, from the GGUF's add_bos_token)."""
-    ids = tok("a")["input_ids"]
-    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
-
-
 def _render(tok, messages: list[dict[str, str]], generation: bool) -> str:
-    """The chat template's text without the BOS the runtime adds. A template's literal text that merely equals the BOS
-    string (SmolLM2's BOS is <|im_start|>, which its template writes before every message) stays."""
+    """The chat template's text without the BOS the runtime adds (when the tokenizer adds BOS itself, llama.cpp adds it
+    too, from the GGUF's add_bos_token). A template's literal text that merely equals the BOS string (SmolLM2's BOS is
+    <|im_start|>, which its template writes before every message) stays."""
+    from .templates import adds_bos
+
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     bos = tok.bos_token or ""
-    return text[len(bos):] if bos and text.startswith(bos) and _adds_bos(tok) else text
+    return text[len(bos):] if bos and text.startswith(bos) and adds_bos(tok) else text
 
 
 def role_wrappers(tok) -> dict[str, Any] | None:
@@ -190,7 +187,9 @@ def modelfile_text(gguf_name: str, tok, recipe) -> tuple[str, dict[str, Any]]:
     stops = stop_strings(tok, recipe)
     for s in stops:
         lines.append(f"PARAMETER stop {_quote(s)}")
-    system = recipe.data.system_prompt or (w or {}).get("default_system") if recipe.data.template == "chat" else recipe.data.system_prompt
+    system = recipe.data.system_prompt
+    if not system and w is not None:
+        system = w.get("default_system")  # the template's own default (chat runs only: w is None for alpaca)
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
     info["stops"] = stops

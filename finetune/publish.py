@@ -90,9 +90,9 @@ def lay_out_gguf(run: RunDir, dest: Path) -> list[str]:
         if own.is_file():
             shutil.copy2(own, out / own.name)
             names.append(f"gguf/{own.name}")
-    first = exports[0][0]
-    if first.with_name(f"{first.stem}.Modelfile").is_file():
-        shutil.copy2(first.with_name(f"{first.stem}.Modelfile"), out / "Modelfile")
+    first = exports[0][0].with_name(f"{exports[0][0].stem}.Modelfile")
+    if first.is_file():
+        shutil.copy2(first, out / "Modelfile")
         names.append("gguf/Modelfile")
     (out / "export_check.json").write_text(json.dumps({"files": {p.name: c for p, c in exports}}, indent=2) + "\n")
     return names + ["gguf/export_check.json"]

@@ -22,7 +22,7 @@ import difflib
 import importlib
 from typing import Any, Callable
 
-from .answers import METHODS, equivalent, extract
+from .answers import METHODS, closing_brace, equivalent, extract
 from .errors import UserError
 
 Reward = Callable[..., list[float]]
@@ -54,16 +54,10 @@ def correctness(prompts, completions, answer: list[str], extract_methods: tuple[
 
 
 def _boxed_count(text: str) -> int:
-    """How many \\boxed{...} with balanced braces the text holds."""
+    """How many \\boxed{...} with balanced braces the text holds (an unclosed one ends the count)."""
     count, i = 0, text.find("\\boxed{")
-    while i >= 0:
-        depth, j = 0, i + len("\\boxed")
-        for j in range(i + len("\\boxed"), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                break
-        if depth == 0:
-            count += 1
+    while i >= 0 and (j := closing_brace(text, i + len("\\boxed"))) is not None:
+        count += 1
         i = text.find("\\boxed{", j + 1)
     return count
 
