@@ -25,7 +25,7 @@ def lengths(values: list[int]) -> dict[str, Any]:
             "p95": pct(0.95), "max": v[-1], "values": values}
 
 
-def _source_name(s: dict[str, Any]) -> str:
+def source_name(s: dict[str, Any]) -> str:
     if s.get("hub"):
         return f"hf://{s['hub']}" + (f"@{s['revision']}" if s.get("revision") else "")
     return str(s.get("path"))
@@ -70,8 +70,8 @@ def histogram(path: Path, stats: dict[str, Any], title: str) -> None:
 
 def licence_warnings(sources: list[dict[str, Any]]) -> list[str]:
     """What the data card says about the sources' licences (data_prep/licences.py decides what each allows)."""
-    nc = [_source_name(s) for s in sources if is_non_commercial(s.get("license"))]
-    unknown = [_source_name(s) for s in sources if not s.get("license")]
+    nc = [source_name(s) for s in sources if is_non_commercial(s.get("license"))]
+    unknown = [source_name(s) for s in sources if not s.get("license")]
     out = []
     if nc:
         out.append(f"**Warning: non-commercial data** ({', '.join(nc)}): a model trained on it inherits the restriction.")
@@ -89,7 +89,7 @@ def datacard(name: str, prov: dict[str, Any]) -> str:
     for s in prov["sources"]:
         r = s["removed"]
         digest = (s.get("sha256") or s.get("fingerprint") or "")[:12]
-        lines.append(f"| {_source_name(s)} | {s.get('license') or 'unknown'} | `{digest}` | {s['rows_read']} | {s['rows_kept']} | {s['not_selected']} | "
+        lines.append(f"| {source_name(s)} | {s.get('license') or 'unknown'} | `{digest}` | {s['rows_read']} | {s['rows_kept']} | {s['not_selected']} | "
                      f"{r['invalid']} | {r['overlong']} | {r['exact_duplicate']} | {r['near_duplicate']} | {r['contaminated']} | {s.get('pii_rows', 0)} |")
     for warning in licence_warnings(prov["sources"]):
         lines += ["", f"> {warning}"]

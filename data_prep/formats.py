@@ -1,5 +1,5 @@
-"""Row layouts and their validation: Alpaca ({instruction, input?, output}), messages ({messages: [{role, content}]})
-and text ({text}: raw documents). Every problem is a RowError with a reason naming the field; nothing is coerced
+"""Row layouts and their validation: Alpaca ({instruction, input?, output}), messages ({messages: [{role, content}]}),
+text ({text}: raw documents) and pairs ({prompt, chosen, rejected}: preference data, the prompt held as messages). Every problem is a RowError with a reason naming the field; nothing is coerced
 silently (a number where text is expected is rejected, not stringified). Importable without torch.
 """
 
@@ -19,6 +19,8 @@ ROLES = ("system", "user", "assistant")
 
 
 def detect_format(row: dict[str, Any]) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "pairs"
     if "messages" in row:
         return "messages"
     if "text" in row and "instruction" not in row and "output" not in row:
@@ -61,11 +63,32 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def _prompt(row: dict[str, Any]) -> list[dict[str, str]]:
+    """A pair's prompt as messages: text becomes one user turn; a conversation must end with a user turn (the answers
+    that follow are the pair's)."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        msgs = _messages({"messages": prompt + [{"role": "assistant", "content": "-"}]})[:-1]
+        if msgs[-1]["role"] != "user":
+            raise RowError("the prompt's last message must be the user's (the answers compared follow it)")
+        return msgs
+    return [{"role": "user", "content": _string(row, "prompt")}]
+
+
+def _pair(row: dict[str, Any]) -> dict[str, Any]:
+    out = {"prompt": _prompt(row), "chosen": _string(row, "chosen"), "rejected": _string(row, "rejected")}
+    if normalised_text(out["chosen"]) == normalised_text(out["rejected"]):
+        raise RowError("chosen and rejected are the same answer: the pair teaches nothing")
+    return out
+
+
 def normalise(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     """The row in our layout (plus its `id` when it has one), or RowError."""
     fmt = detect_format(row) if fmt == "auto" else fmt
-    if fmt == "messages":
-        out: dict[str, Any] = {"messages": _messages(row)}
+    if fmt == "pairs":
+        out: dict[str, Any] = _pair(row)
+    elif fmt == "messages":
+        out = {"messages": _messages(row)}
     elif fmt == "text":
         out = {"text": _string(row, "text")}
     else:
@@ -80,6 +103,8 @@ def normalise(row: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 def row_texts(row: dict[str, Any]) -> list[str]:
     """The row's text fields, in order (what dedupe, PII and decontamination look at)."""
+    if "chosen" in row:
+        return [m["content"] for m in row["prompt"]] + [row["chosen"], row["rejected"]]
     if "messages" in row:
         return [m["content"] for m in row["messages"]]
     if "text" in row:
@@ -103,8 +128,10 @@ def content_texts(rows: list[dict[str, Any]]) -> list[str]:
 
 def content_hash(row: dict[str, Any]) -> str:
     """Stable hash of a row's content (not its id): ids for rows without one, and the train/validation split."""
-    if "messages" in row:
-        payload: Any = row["messages"]
+    if "chosen" in row:
+        payload: Any = [row["prompt"], row["chosen"], row["rejected"]]
+    elif "messages" in row:
+        payload = row["messages"]
     elif "text" in row:
         payload = row["text"]
     else:

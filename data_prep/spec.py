@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from .schema import Section, did_you_mean
 from .sources.adapters import ADAPTERS, check_options
 
-ALPACA_FIELDS = ("instruction", "input", "output", "messages", "id", "text")
+ALPACA_FIELDS = ("instruction", "input", "output", "messages", "id", "text", "prompt", "chosen", "rejected")
 
 
 class Location(Section):
@@ -70,10 +70,11 @@ class Source(Location):
         default_factory=dict,
         description="Keyword options of the adapter, e.g. `{boxed: true}` for gsm8k; options ending in `_file` are paths relative to this file.",
     )
-    format: Literal["auto", "alpaca", "messages", "text"] = Field(
+    format: Literal["auto", "alpaca", "messages", "text", "pairs"] = Field(
         "auto",
         description="Row layout after the adapter and `fields`: `alpaca` ({instruction, input?, output}), `messages` "
-        "({messages: [{role, content}]}), `text` (raw documents, for continued pretraining and grounded synthesis); "
+        "({messages: [{role, content}]}), `text` (raw documents, for continued pretraining and grounded synthesis), `pairs` "
+        "({prompt, chosen, rejected}: preference pairs, `preference.sources`); "
         "`auto` decides per row.",
     )
     fields: dict[str, str] = Field(

@@ -58,14 +58,15 @@ class QuantizationReport(BaseModel):
 
 
 class TrainingSummary(Artifact):
-    """RUN/adapter/training_summary.json (RUN/cpt/ for cpt): written by train.py, read by the card and the tests."""
+    """RUN/adapter/training_summary.json (RUN/cpt/, RUN/dpo/ ... for the other stages): written by train.py, read by the
+    card and the tests."""
 
-    stage: Literal["cpt", "sft"]
+    stage: Literal["cpt", "sft", "dpo", "orpo", "kto", "grpo"]
     global_step: int = Field(description="Optimizer steps taken, in all (resumed runs included).")
     planned_steps: int = Field(description="Steps the schedule planned.")
     train_loss: float = Field(description="Mean training loss over the steps of this process (the trainer's).")
     train_runtime_s: float = Field(description="Wall time of the training loop in this invocation, seconds.")
-    train_rows: int = Field(description="Rows (or CPT blocks) in the training split.")
+    train_rows: int = Field(description="Rows (CPT blocks, preference pairs (two rows each for kto), GRPO prompts) in the training split.")
     trainable_params: int
     total_params: int
     quantization: QuantizationReport
@@ -75,7 +76,8 @@ class TrainingSummary(Artifact):
     skipped_nonfinite_steps: int = Field(description="Optimizer steps skipped for a non-finite loss or gradient norm.")
     masked_batches: int = Field(description="Micro-batches with no supervised token (their loss is not counted).")
     preflight: dict[str, Any] | None = Field(None, description="What the preflight checked on the real batches (sft only).")
-    continued_from: Literal["cpt"] | None = Field(None, description="cpt when SFT started from the CPT adapter.")
+    continued_from: Literal["cpt", "sft"] | None = Field(None, description="cpt when SFT started from the CPT adapter; sft for the stages after it.")
+    reference: dict[str, Any] | None = Field(None, description="dpo, kto (and grpo with a KL term): the reference check (preference.check_reference).")
 
 
 class MergeCheck(Artifact):
@@ -135,6 +137,11 @@ class TaskResult(BaseModel):
     merged: Scores | None = Field(None, description="The published merged model, when it passed its check and was scored.")
     merged_delta: float | None = None
     merged_delta_ci95: list[float | None] | None = None
+    sft: Scores | None = Field(None, description="The SFT adapter, when a preference or reward stage came after it (three columns).")
+    sft_delta: float | None = None
+    sft_delta_ci95: list[float | None] | None = None
+    tuned_vs_sft: float | None = Field(None, description="tuned - sft: what the stage after SFT changed.")
+    tuned_vs_sft_ci95: list[float | None] | None = None
     one_class: bool = False
     warnings: list[str] | None = None
 

@@ -47,7 +47,7 @@ def load_run_model(run_dir: Path, use: str = "auto"):
     sys.stderr.write("[finetune] model: the base as trained with the adapter\n")
     tok = load_tokenizer(recipe.base_model.id, recipe)
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
-    model = PeftModel.from_pretrained(model, str(run.adapter))
+    model = PeftModel.from_pretrained(model, str(run.final_adapter(recipe.stages)))
     model.eval()
     return model, tok, recipe
 

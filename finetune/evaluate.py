@@ -82,10 +82,20 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
         suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt,
                                         info=sampling.setdefault(task.name, {}))))
     model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
-    model = PeftModel.from_pretrained(model, str(run.adapter))
+    final = run.final_adapter(recipe.stages)
+    model = PeftModel.from_pretrained(model, str(final))
     throughput: dict[str, Any] = {}
     entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True,
                                      throughput=throughput)
+    stage_report: dict[str, Any] = {}
+    if final != run.adapter:  # a stage after SFT: the SFT adapter is the middle column, on the same 4-bit base
+        from .stage_eval import after_sft_report
+
+        model.load_adapter(str(run.adapter), adapter_name="sft")
+        model.set_adapter("sft")
+        throughput["sft"] = score_column(model, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template, "sft")
+        model.set_adapter("default")
+        stage_report = after_sft_report(recipe, run, model, tok)
     del model
     merged = merged_to_score(run)
     if merged is not None:
@@ -93,14 +103,14 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
         from .models import DTYPES
 
         mmodel = load_model(str(merged), recipe, quantized=False, dtype=DTYPES[recipe.merge.dtype])
-        throughput["merged"] = score_merged(mmodel, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template)
+        throughput["merged"] = score_column(mmodel, tok, suites, entries, per_item, recipe.eval.batch_size, recipe.data.template, "merged")
         del mmodel
     for e in entries:
         if e["name"] in sampling:
             e["sampling"] = sampling[e["name"]]
     for who, t in throughput.items():
         log.info("eval %s: %d tokens in %.1f s (%s tokens/s)", who, t["tokens"], t["seconds"], t["tokens_per_s"])
-    report = {"tasks": entries, "throughput": throughput}
+    report = {"tasks": entries, "throughput": throughput, "stages": list(recipe.stages), **stage_report}
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
     return {"tasks": len(entries), **{f"{e['name']}.{e['metric']}": e["tuned"]["score"] for e in entries}}
@@ -116,26 +126,32 @@ def merged_to_score(run: RunDir) -> Path | None:
     return run.merged
 
 
-def score_merged(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None) -> dict[str, Any]:
-    """Add the merged model's column to each task's entry: its scores and its paired delta against the base. Returns
-    the merged model's throughput."""
+def score_column(model, tok, suites, entries: list[dict[str, Any]], per_item, batch_size: int, template: str | None,
+                 column: str) -> dict[str, Any]:
+    """Add a column to each task's entry: `merged` (the published model) or `sft` (the SFT adapter, when a stage came
+    after it), with its scores and its paired delta against the base; for `sft` also the tuned model's paired delta
+    against it (what the preference or reward stage changed). Returns the column's throughput."""
     from . import metrics
     from .harness import _fmt as fmt
     from .harness import model_scores, note_degenerate
     from .lm import HFLM
 
     model.eval()
-    lm = HFLM(model, tok, batch_size, desc="merged")
+    lm = HFLM(model, tok, batch_size, desc=column)
     for (task, items), entry in zip(suites, entries):
         got = score_items(lm, task, items, template)
-        per_item[task.name]["merged"] = got
+        per_item[task.name][column] = got
         base = per_item[task.name]["base"]
-        entry["merged"] = model_scores(task, got)
-        entry["merged_delta"] = entry["merged"]["score"] - entry["base"]["score"]
-        entry["merged_delta_ci95"] = metrics.paired_delta_ci(task.metric, base, got)
-        note_degenerate(entry, "merged")
-        log.info("eval %s: %s base %s -> merged %s (the published model)", task.name, task.metric,
-                 fmt(entry["base"]["score"], task.metric), fmt(entry["merged"]["score"], task.metric))
+        entry[column] = model_scores(task, got)
+        entry[f"{column}_delta"] = entry[column]["score"] - entry["base"]["score"]
+        entry[f"{column}_delta_ci95"] = metrics.paired_delta_ci(task.metric, base, got)
+        if column == "sft":
+            tuned = per_item[task.name]["tuned"]
+            entry["tuned_vs_sft"] = entry["tuned"]["score"] - entry["sft"]["score"]
+            entry["tuned_vs_sft_ci95"] = metrics.paired_delta_ci(task.metric, got, tuned)
+        note_degenerate(entry, column)
+        log.info("eval %s: %s base %s -> %s %s", task.name, task.metric, fmt(entry["base"]["score"], task.metric), column,
+                 fmt(entry[column]["score"], task.metric))
     return lm.throughput()
 
 
@@ -183,7 +199,7 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
         recipe, _ = run.load_recipe()
         spec = Loader.of(recipe)
         model_dir = recipe.base_model.id
-        adapter = adapter or run.adapter
+        adapter = adapter or run.final_adapter(recipe.stages)
         recipe_template, system_prompt = recipe.data.template, recipe.data.system_prompt
         out = out or run.root / f"eval-{tasks_file.stem}"
     else:

@@ -119,13 +119,18 @@ def report_markdown(report: dict[str, Any]) -> str:
     it was scored; and each one's delta against the base."""
     pair = any(t.get("tuned") for t in report["tasks"])
     merged = any(t.get("merged") for t in report["tasks"])
-    if merged:
-        head, rule = "| task | metric | n | base | tuned (adapter) | delta | merged (published) | delta |", "|---|---|---|---|---|---|---|---|"
+    sft = any(t.get("sft") for t in report["tasks"])
+    final = (report.get("stages") or ["sft"])[-1]
+    head = ["task", "metric", "n", "base"]
+    if sft:
+        head += ["SFT", "delta", f"{final} (adapter)", "delta vs SFT [95% CI]"]
     elif pair:
-        head, rule = "| task | metric | n | base | tuned | delta |", "|---|---|---|---|---|---|"
+        head += ["tuned (adapter)" if merged else "tuned", "delta"]
     else:
-        head, rule = "| task | metric | n | score |", "|---|---|---|---|"
-    lines = [head, rule]
+        head[-1] = "score"
+    if merged:
+        head += ["merged (published)", "delta"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in report["tasks"]:
         m = t["metric"]
         arrow = "↓" if not t.get("higher_is_better", True) else "↑"
@@ -133,11 +138,16 @@ def report_markdown(report: dict[str, Any]) -> str:
                           f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]")
         signed = lambda d: "n/a" if d is None else ("+" if d >= 0 else "-") + _fmt(abs(d), m)  # noqa: E731
         row = f"| {t['name']} | {m.replace('_', ' ')} {arrow} | {t['n']} | {cell(t['base'])} |"
-        if pair:
+        if sft:
+            ci = t.get("tuned_vs_sft_ci95")
+            interval = f" [{signed(ci[0])}, {signed(ci[1])}]" if ci and None not in ci else ""
+            row += f" {cell(t.get('sft'))} | {signed(t.get('sft_delta'))} | {cell(t.get('tuned'))} | {signed(t.get('tuned_vs_sft'))}{interval} |"
+        elif pair:
             row += f" {cell(t.get('tuned'))} | {signed(t.get('delta'))} |"
         if merged:
             row += f" {cell(t.get('merged'))} | {signed(t.get('merged_delta'))} |"
         lines.append(row)
+    lines += stage_lines(report)
     note = ("\nScores in % except perplexity; [95% CI]: Wilson for accuracy, bootstrap otherwise. ↑ higher is better, ↓ lower.\n")
     if merged:
         note += ("tuned (adapter): the base as trained (4-bit when QLoRA) with the LoRA adapter; merged (published): RUN/merged, "
@@ -150,6 +160,27 @@ def report_markdown(report: dict[str, Any]) -> str:
     if warned:
         note += "".join(f"\n> **Warning** {w}\n" for w in warned)
     return "\n".join(lines) + "\n" + note
+
+
+def stage_lines(report: dict[str, Any]) -> list[str]:
+    """The preference or GRPO stage's own metric for base, SFT and the final model (stage_eval.py)."""
+    pct = lambda s: f"{100 * s['score']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"  # noqa: E731
+    num = lambda s: f"{s['score']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"  # noqa: E731
+    p, g = report.get("preference"), report.get("grpo")
+    if p:
+        a = p["preference_accuracy"]
+        return ["", f"Held-out preference pairs ({p['n']}), {p['stage']} stage:", "",
+                "| metric | base | SFT | " + p["stage"] + " |", "|---|---|---|---|",
+                f"| preference accuracy ↑ (% of pairs where chosen is likelier) | {pct(a['base'])} | {pct(a['sft'])} | {pct(a['tuned'])} |",
+                f"| reward accuracy ↑ (% of pairs with a positive margin over SFT) | | | {pct(p['reward_accuracy'])} |",
+                f"| reward margin ↑ (log-ratio to SFT, chosen minus rejected) | | | {num(p['reward_margin'])} |"]
+    if g:
+        m = g["mean_reward"]
+        names = list(g["rewards"]["tuned"])
+        return ["", f"Held-out GRPO prompts ({g['n']}), one greedy answer each:", "", "| metric | base | SFT | grpo |", "|---|---|---|---|",
+                f"| mean reward ↑ | {num(m['base'])} | {num(m['sft'])} | {num(m['tuned'])} |"] + [
+                f"| {n} ↑ | {g['rewards']['base'][n]:.3f} | {g['rewards']['sft'][n]:.3f} | {g['rewards']['tuned'][n]:.3f} |" for n in names]
+    return []
 
 
 def report_png(report: dict[str, Any], path: Path) -> None:

@@ -174,7 +174,7 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     # The model as trained and evaluated: 4-bit base (when the recipe quantizes) + adapter.
     trained_logits = None
     if recipe.quantization.bits != 16:
-        trained = PeftModel.from_pretrained(load_model(recipe.base_model.id, recipe, quantized=True), str(run.adapter))
+        trained = PeftModel.from_pretrained(load_model(recipe.base_model.id, recipe, quantized=True), str(run.final_adapter(recipe.stages)))
         trained_logits = logits(trained, ids, mask)
         del trained
     # float32 for the comparison: merge arithmetic is exact to ~1e-6 there, so any larger gap is a real defect.
@@ -183,7 +183,7 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     else:
         model = load_model(recipe.base_model.id, recipe, quantized=False, dtype=torch.float32)
     base_logits = logits(model, ids, mask)
-    model = PeftModel.from_pretrained(model, str(run.adapter))
+    model = PeftModel.from_pretrained(model, str(run.final_adapter(recipe.stages)))
     adapter_logits = logits(model, ids, mask)
     changed = max_diff(adapter_logits, base_logits, mask)
     if changed <= CHANGED_MIN:

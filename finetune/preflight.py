@@ -243,3 +243,79 @@ def preflight_recipe(recipe, recipe_dir, run, show: bool) -> dict[str, Any]:
     collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=recipe.training.packing)
     return preflight(tok, rows, recipe.data.template, recipe.data.system_prompt, recipe.data.max_length, show, n,
                      collator, token_dataset(rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs: the batches of dpo, kto and orpo, as each trainer's own collator builds them
+
+
+def _sides(batch: dict[str, Any], stage: str) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """(chosen prompt, chosen answer, rejected prompt, rejected answer) token lists per pair of a collated batch."""
+
+    def split(ids, supervised):
+        ids, sup = [int(x) for x in ids], [bool(x) for x in supervised]
+        first = sup.index(True) if True in sup else len(ids)
+        last = len(sup) - sup[::-1].index(True) if True in sup else first
+        return ids[:first], ids[first:last]
+
+    out = []
+    if stage == "orpo":  # DPODataCollatorWithPadding: chosen_/rejected_ input_ids and labels (prompt -100)
+        for i in range(len(batch["chosen_input_ids"])):
+            c = split(batch["chosen_input_ids"][i], batch["chosen_labels"][i] != -100)
+            r = split(batch["rejected_input_ids"][i], batch["rejected_labels"][i] != -100)
+            out.append((c[0], c[1], r[0], r[1]))
+        return out
+    ids, mask = batch["input_ids"], batch["completion_mask"] * batch["attention_mask"]
+    n = len(ids)
+    # dpo: chosen rows first, then the rejected rows; kto: our unpaired rows alternate chosen, rejected (preference.unpaired)
+    pairs = [(i, i + n // 2) for i in range(n // 2)] if stage == "dpo" else [(i, i + 1) for i in range(0, n - 1, 2)]
+    for a, b in pairs:
+        c, r = split(ids[a], mask[a]), split(ids[b], mask[b])
+        out.append((c[0], c[1], r[0], r[1]))
+    return out
+
+
+def _left_pad(prompt: list[int], pad: int | None) -> list[int]:
+    """A prompt without the padding a left-padding collator puts before it."""
+    i = 0
+    while pad is not None and i < len(prompt) and prompt[i] == pad:
+        i += 1
+    return prompt[i:]
+
+
+def preflight_pairs(tok, dataset, collator, samples: int, stage: str) -> dict[str, Any]:
+    """Before the first step of dpo, kto or orpo, on batches of the real training data built by the trainer's collator:
+    - `prompt_masked`: the prompt is not supervised, in both answers (the loss compares the answers only);
+    - `eos`: each answer's last supervised token is EOS, in both (both end as the model should stop);
+    - `shared_prompt`: chosen and rejected carry the same prompt tokens, token for token (else the comparison is between
+      two prompts, not two answers).
+    Raises PreflightError naming the check and the pair; returns the counts."""
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    n = min(len(dataset), samples * (2 if stage == "kto" else 1))
+    problems: list[str] = []
+    checked = 0
+    for start in range(0, n, 8):
+        items = [dataset[i] for i in range(start, min(n, start + 8))]
+        if stage == "kto" and len(items) % 2:
+            items = items[:-1]
+        if not items:
+            break
+        for k, (cp, ca, rp, ra) in enumerate(_sides(collator(items), stage)):
+            where = f"pair {start // (2 if stage == 'kto' else 1) + k + 1}"
+            checked += 1
+            want = dataset[start + (2 * k if stage == "kto" else k)]["prompt_ids"]
+            for side, prompt, answer in (("chosen", cp, ca), ("rejected", rp, ra)):
+                if _left_pad(prompt, pad)[-len(want):] != list(want):
+                    problems.append(f"prompt_masked: {where}, {side}: the unsupervised prefix is not the prompt ({len(prompt)} tokens, "
+                                    f"prompt {len(want)})")
+                if not answer or answer[-1] != eos:
+                    problems.append(f"eos: {where}, {side}: the answer does not end with EOS (last token {answer[-1] if answer else None})")
+            if _left_pad(cp, pad) != _left_pad(rp, pad):
+                problems.append(f"shared_prompt: {where}: chosen and rejected prompts differ ({len(cp)} vs {len(rp)} tokens)")
+    if problems:
+        head = f"preflight ({stage}) failed on {checked} collated pairs:"
+        kinds = sorted({p.split(":")[0] for p in problems})
+        raise PreflightError("\n".join([head] + [f"- {next(p for p in problems if p.startswith(k))} ({sum(q.startswith(k) for q in problems)} in all)"
+                                                 for k in kinds]))
+    log.info("preflight (%s): %d pairs passed (prompt_masked, eos, shared_prompt)", stage, checked)
+    return {"samples": checked, "passed": True, "checks": ["prompt_masked", "eos", "shared_prompt"]}

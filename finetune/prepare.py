@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.build import RejectRateExceeded, collect, public, write_jsonl
-from data_prep.datacard import lengths, write_docs
+from data_prep.datacard import datacard, lengths, write_docs
 from data_prep.errors import DataError, RowError
 from data_prep.rejects import reject_row
 from data_prep.split import split_by_hash
 
 from .errors import UserError
-from .recipe import Recipe
+from .pairs import build_pairs, datacard_lines, grpo_rows
+from .recipe import PREFERENCE_STAGES, Recipe
 from .run import RunDir, write_json
 from .templates import row_encoder, truncate
 
@@ -100,18 +101,30 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: 
     if counts["overlong_dropped"] or counts["overlong_truncated"]:
         log.warning("prepare: rows over data.max_length=%d: %d dropped, %d truncated (their EOS kept)", d.max_length,
                     counts["overlong_dropped"], counts["overlong_truncated"])
+    after = recipe.stages[-1]
+    pairs = build_pairs(recipe, recipe_dir, tok, eval_sets, tokenizer_name or recipe.base_model.id) if after in PREFERENCE_STAGES else None
+    grpo = grpo_rows(recipe, train, val) if after == "grpo" else None
     with run.staged("data") as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "val.jsonl", val)
-        write_jsonl(tmp / "rejects.jsonl", rejects)
+        write_jsonl(tmp / "rejects.jsonl", rejects + (pairs[2] if pairs else []))
         prov = write_docs(tmp, recipe.name, got, stats)
         if cpt is not None:
             train_blocks, val_blocks, prov["cpt"] = cpt
             write_jsonl(tmp / run.rows("cpt", "train").name, [{"input_ids": b} for b in train_blocks])
             write_jsonl(tmp / run.rows("cpt", "val").name, [{"input_ids": b} for b in val_blocks])
+        for stage, built in ((after, pairs), ("grpo", grpo)):
+            if built is not None:
+                write_jsonl(tmp / run.rows(stage, "train").name, built[0])
+                write_jsonl(tmp / run.rows(stage, "val").name, built[1])
+                prov["preference" if stage != "grpo" else "grpo"] = built[-1]
+        if cpt is not None or pairs is not None or grpo is not None:
             write_json(tmp / "provenance.json", prov)
+            (tmp / "datacard.md").write_text(datacard(recipe.name, prov) + "\n".join(datacard_lines(prov)), encoding="utf-8")
     sup = {k: sum(sum(1 for x in e["labels"] if x != -100) for e in rows) for k, rows in (("train", train), ("val", val))}
     log.info("prepare: %d train, %d val, %d rejected (%.1f s)", len(train), len(val), len(rejects), got.seconds)
     return {"rows_read": sum(s["rows_read"] for s in got.sources), "train": prov["splits"]["train"], "val": prov["splits"]["val"],
             "supervised_tokens": sup, "rejected": len(rejects), **counts, "template": d.template, "max_length": d.max_length,
-            **({"cpt_blocks": prov["cpt"]["blocks"]["train"], "cpt_tokens": prov["cpt"]["tokens"]} if cpt is not None else {})}
+            **({"cpt_blocks": prov["cpt"]["blocks"]["train"], "cpt_tokens": prov["cpt"]["tokens"]} if cpt is not None else {}),
+            **({"pairs": prov["preference"]["pairs"]} if pairs is not None else {}),
+            **({"grpo_prompts": prov["grpo"]["prompts"]} if grpo is not None else {})}

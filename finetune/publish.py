@@ -65,7 +65,7 @@ def assemble(recipe: Recipe, run: RunDir, what: list[str], dest: Path, base_name
     """Lay out a run's repository in `dest`; returns its files (relative)."""
     if "merged" in what and not run.merged.exists():
         raise UserError("publish.what includes `merged` but RUN/merged/ does not exist (merge.enabled: false?)")
-    files = lay_out(dest, what, run.adapter, run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
+    files = lay_out(dest, what, run.final_adapter(recipe.stages), run.merged, [(run.card / "README.md", "README.md"), (run.lock, "run.lock.json"),
                                                            (run.eval / "report.json", "eval_report.json"), (run.merge_check, "merge_check.json")],
                     base_name)
     if "gguf" in what:

@@ -291,6 +291,7 @@ class SamplesSpec(Section):
         default_factory=list, description="Small eval tasks over sample files, standing in for `eval.tasks` under `--smoke` (same schema)."
     )
     cpt: list[str] = Field(default_factory=list, description="Sample documents (JSONL with `text`) standing in for `cpt.sources` under `--smoke`, in order.")
+    pairs: str | None = Field(None, description="Sample preference pairs ({prompt, chosen, rejected} JSONL) standing in for `preference.sources` under `--smoke`.")
     tokenizer: Literal["byte_level", "sentencepiece"] = Field(
         "byte_level", description="The kind of tokenizer the smoke stand-in gets, to match the real base's: `byte_level` (GPT-2 style byte-level "
         "BPE: Llama 3, Qwen2, SmolLM) or `sentencepiece` (a SentencePiece-style BPE with `▁` for spaces, byte fallback and `<0xNN>` byte "
@@ -338,6 +339,105 @@ def _cpt_source(src: Source) -> Source:
     return src
 
 
+PREFERENCE_STAGES = ("dpo", "orpo", "kto")  # trained on pairs {prompt, chosen, rejected}
+AFTER_SFT = PREFERENCE_STAGES + ("grpo",)  # the stages that continue the SFT adapter
+
+
+class PreferenceSpec(Section):
+    """Preference tuning after SFT (`stages: [sft, dpo]`, `[sft, orpo]` or `[sft, kto]`): the SFT adapter trained further on
+    pairs {prompt, chosen, rejected}. DPO and KTO measure the policy against a frozen reference, which is the SFT policy
+    (the SFT adapter loaded a second time, frozen), never the bare base. ORPO needs no reference.
+
+    Defaults follow the QLoRA DPO recipe of Hugging Face's alignment-handbook (zephyr-7b-beta, config_qlora.yaml: one
+    epoch, learning rate 5e-6, cosine, 10% warm-up) with the DPO paper's beta of 0.1; see docs/preference.md."""
+
+    sources: list[Source] = Field(
+        min_length=1, description="Preference pairs: rows {prompt, chosen, rejected} (prompt as text or messages, answers as text), or a "
+        "public layout through an adapter: `ultrafeedback` (chosen/rejected message lists), `hh_rlhf` (full-text pairs split at the "
+        "last assistant turn), `argilla` (instruction or input, chosen/rejected or chosen_response/rejected_response).",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO and KTO: strength of the pull towards the reference (DPO paper and TRL: 0.1; lower lets the policy "
+        "move further). ORPO: lambda, the weight of the odds-ratio term next to the SFT loss (ORPO paper: 0.1).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = Field(
+        "sigmoid", description="DPO only: `sigmoid` is the DPO paper's loss; `ipo` (IPO), `hinge` (SLiC), `robust` (noisy labels), "
+        "`apo_zero`, `sigmoid_norm` (length-normalised) are trl's variants.",
+    )
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (alignment-handbook QLoRA DPO: 5e-6).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (alignment-handbook: 1).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return check_steps(v)
+
+    warmup_steps: Union[int, float] = Field(0.1, ge=0, description="Warm-up: steps, or a fraction of the total below 1 (alignment-handbook: 0.1).")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of pairs held out (by content hash) for the report's reward accuracy and margin.")
+    val_max: int = Field(200, ge=0, description="Cap on held-out pairs.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO only: weight of the chosen (desirable) answers' loss (KTO paper, eq. 8).")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO only: weight of the rejected (undesirable) answers' loss.")
+
+
+class GrpoSpec(Section):
+    """Reinforcement learning with verifiable rewards after SFT (`stages: [sft, grpo]`): trl's GRPOTrainer samples
+    `num_generations` answers per prompt from the policy, scores each with the reward functions, and moves the policy
+    towards the answers that beat their group's mean. The prompts are the SFT training prompts whose reference answer
+    the eval harness can extract (answers.py), so `correctness` means what the eval's exact match means.
+
+    Defaults follow DeepSeekMath's GRPO (group of several samples per question, temperature 1) scaled to one GPU, and
+    trl's defaults (KL coefficient 0, as in DAPO and Dr. GRPO); see docs/preference.md."""
+
+    rewards: list[str] = Field(
+        ["correctness", "boxed_format"], min_length=1, description="Reward functions by name (finetune/rewards.py: `correctness`, "
+        "`boxed_format`), or `module:function` for your own; see finetune/rewards.py for the signature.",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (default: all 1.0).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from .rewards import REWARDS, resolve
+
+        for name in v:
+            if ":" not in name and name not in REWARDS:  # a user's module:function is imported when the stage runs
+                try:
+                    resolve(name)
+                except UserError as e:
+                    raise ValueError(str(e)) from None
+        return v
+    num_generations: int = Field(8, ge=2, description="Answers sampled per prompt: the group whose mean is the baseline (trl default 8).")
+    max_completion_length: int = Field(256, ge=8, description="Cap on generated tokens per answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (DeepSeekMath: 1.0; lower gives less diverse groups).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    beta: float = Field(
+        0.0, ge=0, description="KL coefficient towards the reference, the SFT policy (DeepSeekMath: 0.04; trl, DAPO, Dr. GRPO: 0, no "
+        "reference pass).",
+    )
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompts.")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return check_steps(v)
+
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts (a seeded sample).")
+    val_prompts: int = Field(32, ge=0, description="Held-out prompts (from the validation split) scored for the report's mean reward.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> GrpoSpec:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+        return self
+
+
+STAGE_ORDERS = (["sft"], ["cpt", "sft"]) + tuple(pre + ["sft", s] for pre in ([], ["cpt"]) for s in AFTER_SFT)
+
+
 class Recipe(Section):
     """A domain specialist, from data to published model."""
 
@@ -356,11 +456,14 @@ class Recipe(Section):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Several GPUs or machines (see finetune/distributed.py).")
     samples: SamplesSpec | None = Field(None, description="Sample data for `--smoke` (and for `--laptop` where no local file is found).")
     laptop: LaptopSpec = Field(default_factory=LaptopSpec, description="Sizes of `--laptop` runs (real small model on a CPU).")
-    stages: list[Literal["cpt", "sft"]] = Field(
-        ["sft"], description="Training stages in order: `[sft]`, or `[cpt, sft]` to continue pretraining on raw domain text first; the "
-        "SFT stage then continues training the CPT adapter. Each stage is resumable on its own.",
+    stages: list[Literal["cpt", "sft", "dpo", "orpo", "kto", "grpo"]] = Field(
+        ["sft"], description="Training stages in order: `[sft]`; `[cpt, sft]` to continue pretraining on raw domain text first (SFT then "
+        "continues the CPT adapter); and after `sft` one of `dpo`, `orpo`, `kto` (preference pairs, `preference:`) or `grpo` "
+        "(verifiable rewards, `grpo:`), which continue the SFT adapter. Each stage is resumable on its own.",
     )
     cpt: CptSpec | None = Field(None, description="Continued pretraining settings (used when `stages` has `cpt`).")
+    preference: PreferenceSpec | None = Field(None, description="Preference tuning settings (used when `stages` has dpo, orpo or kto).")
+    grpo: GrpoSpec | None = Field(None, description="GRPO settings (used when `stages` has `grpo`).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -377,10 +480,16 @@ class Recipe(Section):
             raise ValueError("publish.what includes `merged` but merge.enabled is false")
         if self.data.template == "alpaca" and any(s.format == "messages" or s.adapter == "sharegpt" for s in self.data.sources):
             raise ValueError("data.template `alpaca` cannot render `messages` sources; use data.template: chat")
-        if self.stages not in (["sft"], ["cpt", "sft"]):
-            raise ValueError(f"stages {self.stages}: use [sft] or [cpt, sft] (continued pretraining is followed by instruction tuning)")
+        if self.stages not in STAGE_ORDERS:
+            raise ValueError(f"stages {self.stages}: use [sft] or [cpt, sft], optionally followed by one of {', '.join(AFTER_SFT)} "
+                             "(continued pretraining comes before instruction tuning; preference and reward tuning after it)")
         if "cpt" in self.stages and self.cpt is None:
             raise ValueError("stages has `cpt` but there is no `cpt:` section (its sources, block_size ...)")
+        if set(self.stages) & set(PREFERENCE_STAGES) and self.preference is None:
+            raise ValueError(f"stages has `{self.stages[-1]}` but there is no `preference:` section (its sources of pairs ...)")
+        if "grpo" in self.stages and self.grpo is None:
+            raise ValueError("stages has `grpo` but there is no `grpo:` section (rewards: [correctness, boxed_format] ...)")
+
         for s in self.cpt.sources if self.cpt else []:
             _cpt_source(s)
         if any(s.format == "text" for s in self.data.sources):

@@ -76,14 +76,24 @@ class RunDir:
     # ---- the files one stage hands to the next
 
     def rows(self, stage: str, split: str) -> Path:
-        """The tokenised rows a training stage reads: data/{train,val}.jsonl for sft, data/cpt_{train,val}.jsonl for cpt."""
-        return self.data / f"{'cpt_' if stage == 'cpt' else ''}{split}.jsonl"
+        """The tokenised rows a training stage reads: data/{train,val}.jsonl for sft, data/cpt_{train,val}.jsonl for cpt,
+        data/pairs_{train,val}.jsonl for the preference stages, data/grpo_{train,val}.jsonl (prompts and answers) for grpo."""
+        prefix = {"sft": "", "cpt": "cpt_", "grpo": "grpo_"}.get(stage, "pairs_")
+        return self.data / f"{prefix}{split}.jsonl"
 
     def stage_checkpoints(self, stage: str) -> Path:
-        return self.cpt_checkpoints if stage == "cpt" else self.checkpoints
+        return self.checkpoints if stage == "sft" else self.root / f"checkpoints-{stage}"
 
     def stage_metrics(self, stage: str) -> Path:
-        return self.logs / "metrics-cpt.jsonl" if stage == "cpt" else self.metrics
+        return self.metrics if stage == "sft" else self.logs / f"metrics-{stage}.jsonl"
+
+    def stage_adapter(self, stage: str) -> Path:
+        """What a training stage writes: RUN/cpt/, RUN/adapter/ (sft), RUN/dpo/, RUN/orpo/, RUN/kto/, RUN/grpo/."""
+        return self.adapter if stage == "sft" else self.root / stage
+
+    def final_adapter(self, stages: list[str]) -> Path:
+        """The adapter the run ships: the last training stage's (merge, eval's tuned column, publish, serve, chat)."""
+        return self.stage_adapter(stages[-1])
 
     # ---- ownership: a run directory is absent, empty, or one finetune made (data_prep/outputs.py)
 

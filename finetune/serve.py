@@ -199,7 +199,7 @@ def load_vllm_engine(run_dir: Path, which: str) -> VLLMEngine:
             if rank is None:
                 raise UserError(f"lora.r {recipe.lora.r} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]}); merge the run, or --engine transformers")
             kw = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
-            lora = LoRARequest(recipe.name, 1, str(run.adapter.resolve()))
+            lora = LoRARequest(recipe.name, 1, str(run.final_adapter(recipe.stages).resolve()))
         # The base in its 16-bit dtype plus the adapter's update: what merge.base original_16bit (the default) writes;
         # the 4-bit rounding the adapter trained against is not applied (merge_check.json records that gap).
         llm = LLM(model=base.id, revision=rev, dtype=base.dtype, trust_remote_code=base.trust_remote_code, **kw)

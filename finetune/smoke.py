@@ -15,7 +15,7 @@ from data_prep.jsonl import lines as jsonl_lines
 
 from .errors import UserError
 from .families import check_family, infer_family
-from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
+from .recipe import PREFERENCE_STAGES, Recipe, apply_overrides, parse_recipe, resolve_path
 from .run import RunDir
 
 SMOKE_STEPS = 20  # enough for the loss to move and a checkpoint to be written, ~1 s of training on 2 cores
@@ -82,6 +82,15 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[
         d["cpt"]["sources"] = [{"path": str(resolve_path(recipe_dir, p)), "format": "text", "license": "apache-2.0", "weight": s.weight}
                                for p, s in zip(recipe.samples.cpt, recipe.cpt.sources)] or d["cpt"]["sources"]
         d["cpt"].update(block_size=min(recipe.cpt.block_size, 64), max_steps=SMOKE_STEPS // 2, learning_rate=2e-3, val_fraction=0.1)
+    if recipe.preference is not None:
+        if recipe.stages[-1] in PREFERENCE_STAGES and not recipe.samples.pairs:
+            raise UserError(f"--smoke with stages {recipe.stages} needs samples.pairs: a small JSONL of {{prompt, chosen, rejected}} rows")
+        if recipe.samples.pairs:
+            d["preference"]["sources"] = [{"path": str(resolve_path(recipe_dir, recipe.samples.pairs)), "format": "pairs", "license": "apache-2.0"}]
+        # A random tiny model moves only with a large step; beta as the recipe says
+        d["preference"].update(max_steps=SMOKE_STEPS // 2, learning_rate=2e-3, warmup_steps=0, val_fraction=0.25, val_max=8)
+    if recipe.grpo is not None:
+        d["grpo"].update(max_steps=4, learning_rate=2e-3, num_generations=4, max_completion_length=12, val_prompts=4, max_prompts=16)
     d["merge"].update(enabled=True, probes=4)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     # A random 100k-parameter model's scores are noise: the regression gate would refuse at random. The licence and

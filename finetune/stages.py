@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .recipe import Recipe, resolve_path
+from .recipe import AFTER_SFT, PREFERENCE_STAGES, Recipe, resolve_path
 from .run import RunDir, read_json, sha256_file
 
 if TYPE_CHECKING:
@@ -124,7 +124,9 @@ def _prepare_inputs(ctx: Context) -> Inputs:
 
     r = ctx.recipe
     paths = [p for t in r.eval.tasks for p in (t.path, t.include_ids, t.exclude_ids) if p]
-    sources = list(r.data.sources) + list(r.data.quality.decontaminate.against) + (list(r.cpt.sources) if cpt_on(r) else [])
+    pref = r.stages[-1] in PREFERENCE_STAGES
+    sources = (list(r.data.sources) + list(r.data.quality.decontaminate.against) + (list(r.cpt.sources) if cpt_on(r) else [])
+               + (list(r.preference.sources) if pref else []))
     for s in sources:
         paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
         paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
@@ -132,6 +134,10 @@ def _prepare_inputs(ctx: Context) -> Inputs:
     sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump(include=DECONTAMINATION_FIELDS) for t in r.eval.tasks],
                 "base_model": base_section(ctx), "seed": r.training.seed,
                 "cpt": r.cpt.model_dump(include={"sources", "block_size", "val_fraction"}) if cpt_on(r) else None}
+    if pref:  # only when there: a recipe without these stages keeps the fingerprint it had
+        sections["preference"] = r.preference.model_dump(include={"sources", "val_fraction", "val_max"})
+    if r.stages[-1] == "grpo":
+        sections["grpo"] = r.grpo.model_dump(include={"max_prompts", "val_prompts"})
     return sections, {**src, **base_inputs(ctx)}
 
 
@@ -166,6 +172,23 @@ def _sft_inputs(ctx: Context) -> Inputs:
             {**files(run, run.rows("sft", "train"), run.rows("sft", "val")), **start, **base_inputs(ctx)})
 
 
+def _after_sft_inputs(stage: str) -> Callable[[Context], Inputs]:
+    def inputs(ctx: Context) -> Inputs:
+        r, run = ctx.recipe, ctx.run
+        own = r.grpo if stage == "grpo" else r.preference
+        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
+        sections.update({stage: own.model_dump(exclude={"sources", "val_fraction", "val_max", "max_prompts", "val_prompts"}),
+                         "base_model": base_section(ctx), "max_length": r.data.max_length, "template": r.data.template})
+        return sections, {**files(run, run.rows(stage, "train"), run.rows(stage, "val"), run.adapter), **base_inputs(ctx)}
+
+    return inputs
+
+
+def final(ctx: Context) -> Path:
+    """The adapter the run ships: the last training stage's."""
+    return ctx.run.final_adapter(ctx.recipe.stages)
+
+
 def _trainer(stage: str) -> Callable[[Context, Path | None], Any]:
     def run(ctx: Context, resume_from: Path | None) -> Any:
         from .train import train
@@ -182,7 +205,7 @@ def _trainer(stage: str) -> Callable[[Context, Path | None], Any]:
 def _merge_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     return ({"merge": r.merge.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump()},
-            {**files(run, run.adapter, run.data / "val.jsonl"), **base_inputs(ctx)})
+            {**files(run, final(ctx), run.data / "val.jsonl"), **base_inputs(ctx)})
 
 
 def _merge_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -211,7 +234,8 @@ def _eval_inputs(ctx: Context) -> Inputs:
     tasks = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
     return ({"eval": r.eval.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump(),
              "template": r.data.template, "system_prompt": r.data.system_prompt},
-            {**files(run, run.adapter, run.data / "val.jsonl", run.merged, run.merge_check), **tasks, **base_inputs(ctx)})
+            {**files(run, run.adapter, final(ctx), run.data / "val.jsonl", run.rows(r.stages[-1], "val"), run.merged, run.merge_check),
+             **tasks, **base_inputs(ctx)})
 
 
 def _eval_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -225,6 +249,7 @@ def _card_inputs(ctx: Context) -> Inputs:
     run = ctx.run
     return ({"recipe": ctx.recipe.model_dump(mode="json"), "base_name": public_base(ctx), "smoke": ctx.smoke},
             files(run, run.data / "provenance.json", run.eval / "report.json", run.merge_check, run.adapter / "training_summary.json",
+                  final(ctx) / "training_summary.json",
                   run.lock, run.root / "export" / "export_check.json"))
 
 
@@ -237,7 +262,7 @@ def _card_run(ctx: Context, resume_from: Path | None) -> Any:
 def _publish_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     return ({"publish": r.publish.model_dump(), "name": r.name, "domain": r.domain},
-            files(run, run.adapter, run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json", run.card, run.lock,
+            files(run, final(ctx), run.merged, run.merge_check, run.eval / "report.json", run.data / "provenance.json", run.card, run.lock,
                   run.root / "export"))
 
 
@@ -270,20 +295,28 @@ STAGES: tuple[Stage, ...] = (
     Stage("sft", "Train the adapter on the instruction set (runs the stages before it if they are not done).",
           reads=("prepare", "cpt"), inputs=_sft_inputs, outputs=lambda ctx: [ctx.run.adapter], run=_trainer("sft"),
           all_ranks=True, checkpoints=lambda run: run.checkpoints, aliases=("train",)),
+    *(Stage(name, f"{what} (when the recipe's stages end with {name}; runs the stages before it if they are not done).",
+            reads=("prepare", "cpt", "sft"), inputs=_after_sft_inputs(name), outputs=lambda ctx, n=name: [ctx.run.stage_adapter(n)],
+            run=_trainer(name), active=lambda recipe, n=name: recipe.stages[-1] == n, all_ranks=True,
+            checkpoints=lambda run, n=name: run.stage_checkpoints(n))
+      for name, what in (("dpo", "Train the SFT adapter further on preference pairs with DPO, the SFT policy as reference"),
+                         ("orpo", "Train the SFT adapter further on preference pairs with ORPO (no reference model)"),
+                         ("kto", "Train the SFT adapter further on preference pairs with KTO, the SFT policy as reference"),
+                         ("grpo", "Train the SFT adapter further with GRPO on verifiable rewards (grpo.rewards)"))),
     Stage("merge", "Merge the adapter into the 16-bit base and verify the merged model against the adapter.",
-          reads=("prepare", "sft"), inputs=_merge_inputs, run=_merge_run, command=False,
+          reads=("prepare", "sft", *AFTER_SFT), inputs=_merge_inputs, run=_merge_run, command=False,
           outputs=lambda ctx: [ctx.run.merged, ctx.run.merge_check] if ctx.recipe.merge.enabled else []),
     Stage("export", "Write the merged model as GGUF files (export.gguf) with Ollama Modelfiles, each verified against the merged model.",
-          reads=("prepare", "sft", "merge"), inputs=_export_inputs, outputs=lambda ctx: [ctx.run.root / "export"], run=_export_run,
+          reads=("prepare", "sft", *AFTER_SFT, "merge"), inputs=_export_inputs, outputs=lambda ctx: [ctx.run.root / "export"], run=_export_run,
           active=lambda recipe: bool(recipe.export.gguf), command=False),
     Stage("eval", "Evaluate base and tuned (adapter and merged) side by side on the recipe's tasks.",
-          reads=("prepare", "sft", "merge"), inputs=_eval_inputs, outputs=lambda ctx: [ctx.run.eval], run=_eval_run,
+          reads=("prepare", "sft", *AFTER_SFT, "merge"), inputs=_eval_inputs, outputs=lambda ctx: [ctx.run.eval], run=_eval_run,
           command=False),
     Stage("card", "Write the model card (card/README.md) from the run's records: eval table, data provenance, merge check, "
-          "licence. Read it before you publish.", reads=("prepare", "cpt", "sft", "merge", "export", "eval"), inputs=_card_inputs,
+          "licence. Read it before you publish.", reads=("prepare", "cpt", "sft", *AFTER_SFT, "merge", "export", "eval"), inputs=_card_inputs,
           outputs=lambda ctx: [ctx.run.card], run=_card_run),
     Stage("publish", "Publish the adapter (and merged model) with its card behind the gates.",
-          reads=("prepare", "cpt", "sft", "merge", "export", "eval", "card"), inputs=_publish_inputs, outputs=lambda ctx: [],
+          reads=("prepare", "cpt", "sft", *AFTER_SFT, "merge", "export", "eval", "card"), inputs=_publish_inputs, outputs=lambda ctx: [],
           run=_publish_run, still_done=_publish_target_present, command=False),
 )
 

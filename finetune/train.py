@@ -22,11 +22,14 @@ from . import checkpoints, distributed, preempt, tracking
 from .artifacts import TrainingSummary
 from .errors import StageFailed
 from .models import check_quantization, device, load_model, lora_targets
-from .recipe import Recipe
+from .recipe import AFTER_SFT, Recipe
 from .rows import read_rows, token_dataset
 from .run import RunDir, read_jsonl, write_json
 
 log = logging.getLogger("finetune")
+
+
+PAIRED = ("dpo", "orpo", "kto")  # the stages whose batches hold a prompt with its answers
 
 
 class NonFinite(StageFailed):
@@ -175,14 +178,14 @@ def _finite_weights(folder: Path) -> None:
             raise NonFinite(f"{f.name}: non-finite values in {bad[0]} (and {len(bad) - 1} more); checkpoint not written")
 
 
-def _trainer_class():
-    """trl's SFTTrainer with two guards: the loss of every micro-batch is checked (read by the Guard callback before
-    the optimizer step), and a micro-batch without a supervised token is counted and reported. trl already turns such
-    a batch into a finite, graph-connected zero loss (its token count is clamped to 1)."""
+def guarded(base):
+    """A trl trainer class (SFTTrainer; DPO, KTO, ORPO, GRPO in preference.py) with two guards: the loss of every
+    micro-batch is checked (read by the Guard callback before the optimizer step), and a micro-batch without a
+    supervised token is counted and reported. trl already turns such a batch into a finite, graph-connected zero loss
+    (its token count is clamped to 1)."""
     import torch
-    from trl import SFTTrainer
 
-    class GuardedTrainer(SFTTrainer):
+    class GuardedTrainer(base):
         guard: GuardState
         adapter_dtype: torch.dtype
 
@@ -305,6 +308,8 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
 
     if stage == "sft" and "cpt" in recipe.stages:
         return PeftModel.from_pretrained(model, str(run.cpt), is_trainable=True)
+    if stage in AFTER_SFT:  # preference and reward stages continue the SFT adapter (preference.py: the reference is a copy)
+        return PeftModel.from_pretrained(model, str(run.adapter), is_trainable=True)
     extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
     lcfg = LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
@@ -359,20 +364,26 @@ def _trainer(recipe: Recipe, run: RunDir, stage: str, model, tok, train_ds, val_
     import torch
     from transformers.trainer_callback import PrinterCallback
 
-    has_val = len(val_ds) > 0
     report_to = tracking.configure(recipe.tracking.report_to, recipe.tracking.project, run.logs, stage)
-    trainer = _trainer_class()(
-        model=model,
-        args=sft_config(recipe, work, has_val, stage, report_to),
-        train_dataset=train_ds,
-        eval_dataset=val_ds if has_val else None,
-        processing_class=tok,
-        callbacks=trainer_callbacks(recipe, run.stage_checkpoints(stage), run.stage_metrics(stage), guard),
-    )
+    callbacks = trainer_callbacks(recipe, run.stage_checkpoints(stage), run.stage_metrics(stage), guard)
+    if stage in AFTER_SFT:
+        from .preference import make_trainer
+
+        trainer = make_trainer(recipe, run, stage, model, tok, train_ds, val_ds, work, callbacks, report_to)
+    else:
+        from trl import SFTTrainer
+
+        has_val = len(val_ds) > 0
+        trainer = guarded(SFTTrainer)(model=model, args=sft_config(recipe, work, has_val, stage, report_to), train_dataset=train_ds,
+                                      eval_dataset=val_ds if has_val else None, processing_class=tok, callbacks=callbacks)
     trainer.guard = guard
     bf16_gpu = device() == "cuda" and recipe.quantization.compute_dtype == "bfloat16" and recipe.quantization.bits != 16
     trainer.adapter_dtype = torch.bfloat16 if bf16_gpu else torch.float32
     trainer.cast_adapter()
+    if stage in AFTER_SFT:
+        from .preference import load_sft_weights
+
+        load_sft_weights(trainer.model, run.adapter)
     trainer.remove_callback(PrinterCallback)  # metrics go to logs/metrics.jsonl, not raw dicts on stdout
     return trainer, report_to
 
@@ -385,8 +396,13 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
 
     torch.manual_seed(recipe.training.seed)
     tok, model, qreport, trainable, total = _model_with_adapter(recipe, run, stage)
-    rows = read_rows(run.rows(stage, "train"))
-    train_ds, val_ds = token_dataset(rows), token_dataset(read_rows(run.rows(stage, "val")))
+    if stage in AFTER_SFT:
+        from .preference import stage_datasets
+
+        rows, (train_ds, val_ds) = None, stage_datasets(run, stage)
+    else:
+        rows = read_rows(run.rows(stage, "train"))
+        train_ds, val_ds = token_dataset(rows), token_dataset(read_rows(run.rows(stage, "val")))
     run.logs.mkdir(parents=True, exist_ok=True)
     ckpts, work, main = run.stage_checkpoints(stage), run.root / f".trainer-{stage}", distributed.is_main()
     if main:
@@ -401,6 +417,16 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         checks = preflight(tok, rows, recipe.data.template, recipe.data.system_prompt, recipe.data.max_length, show_example,
                            recipe.training.preflight_samples, trainer.data_collator, trainer.train_dataset)
         write_json(run.logs / "preflight.json", checks)
+    reference = None
+    if stage in ("dpo", "kto") or (stage == "grpo" and recipe.grpo.beta > 0):
+        from .preference import check_reference
+
+        reference = check_reference(trainer.model, run.adapter)
+    if stage in PAIRED and recipe.training.preflight_samples and main:
+        from .preflight import preflight_pairs
+
+        checks = preflight_pairs(tok, train_ds, trainer.data_collator, recipe.training.preflight_samples, stage)
+        write_json(run.logs / f"preflight-{stage}.json", checks)
     t0 = time.time()
     ok = False
     try:
@@ -427,9 +453,10 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         train_runtime_s=round(wall, 3), train_rows=len(train_ds), trainable_params=trainable, total_params=total,
         quantization=qreport.as_dict() if qreport else {"bits": 16}, device=device(), processes=distributed.world_size(),
         resumed_from_step=checkpoints.step_of(resume_from) if resume_from else None, skipped_nonfinite_steps=guard.skipped_steps,
-        masked_batches=guard.masked_batches, preflight=checks, continued_from="cpt" if stage == "sft" and "cpt" in recipe.stages else None)
-    with run.staged("adapter" if stage == "sft" else stage) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        masked_batches=guard.masked_batches, preflight=checks, reference=reference,
+        continued_from="cpt" if stage == "sft" and "cpt" in recipe.stages else ("sft" if stage in AFTER_SFT else None))
+    with run.staged(run.stage_adapter(stage).name) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])  # not the frozen reference
         tok.save_pretrained(tmp)
         summary.write(tmp / "training_summary.json")
     shutil.rmtree(work, ignore_errors=True)

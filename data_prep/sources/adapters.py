@@ -226,3 +226,87 @@ def sharegpt(row: dict[str, Any], *, system: str | None = None) -> dict[str, Any
         if a["role"] == b["role"]:
             raise RowError(f"two {a['role']} turns in a row")
     return {"messages": head + rest}
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs: each adapter returns {prompt, chosen, rejected}, the prompt as messages (formats.normalise checks
+# the rest: roles, the prompt ending on a user turn, chosen different from rejected).
+
+
+def _turns(value: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"field '{field}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise RowError(f"{field}[{i}] needs 'role' and a string 'content'")
+        out.append({"role": str(m["role"]), "content": m["content"]})
+    return out
+
+
+@adapter("ultrafeedback")
+def ultrafeedback(row: dict[str, Any]) -> dict[str, Any]:
+    """UltraFeedback-binarized style (HuggingFaceH4/ultrafeedback_binarized): `chosen` and `rejected` are whole
+    conversations ([{role, content}], the last message the assistant's answer), `prompt` optionally the prompt text.
+    The conversation before the last message is the prompt, and must be the same on both sides."""
+    chosen, rejected = _turns(row.get("chosen"), "chosen"), _turns(row.get("rejected"), "rejected")
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise RowError(f"{side}: the last message must be the assistant's answer")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("chosen and rejected conversations differ before the answer: they do not share a prompt")
+    prompt = chosen[:-1]
+    if not prompt:
+        prompt = [{"role": "user", "content": _text(row, "prompt")}]
+    return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_split(text: str, side: str) -> tuple[list[dict[str, str]], str]:
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise RowError(f"{side}: text before the first 'Human:' turn")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+    if not turns or turns[-1]["role"] != "assistant":
+        raise RowError(f"{side}: does not end with an 'Assistant:' turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+@adapter("hh_rlhf")
+def hh_rlhf(row: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic HH-RLHF (Bai et al. 2022): `chosen` and `rejected` are whole dialogues as text ("\\n\\nHuman: ...
+    \\n\\nAssistant: ..."). Each is split at its last "Assistant:" turn; the dialogue before it is the prompt and must
+    be the same on both sides."""
+    prompt, chosen = _hh_split(_text(row, "chosen"), "chosen")
+    prompt_r, rejected = _hh_split(_text(row, "rejected"), "rejected")
+    if prompt != prompt_r:
+        raise RowError("chosen and rejected dialogues differ before the last assistant turn: they do not share a prompt")
+    if not prompt:
+        raise RowError("no 'Human:' turn before the answer")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@adapter("argilla")
+def argilla(row: dict[str, Any], *, ties: bool = False) -> dict[str, Any]:
+    """Argilla / distilabel preference sets: the prompt in `instruction`, `input` or `prompt` (with an optional
+    `system`), the answers in `chosen`/`rejected` or `chosen_response`/`rejected_response` (text, or message lists
+    whose last message is the answer). When `chosen_rating` and `rejected_rating` are present, a tie is rejected.
+
+    ties: keep pairs whose two ratings are equal (off: a tie says neither answer is preferred)."""
+    key = next((k for k in ("instruction", "input", "prompt") if isinstance(row.get(k), str)), None)
+    if key is None:
+        raise RowError("no prompt: expected a text field 'instruction', 'input' or 'prompt'")
+    prompt = [{"role": "user", "content": _text(row, key)}]
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        prompt.insert(0, {"role": "system", "content": row["system"]})
+    answers = []
+    for side in ("chosen", "rejected"):
+        field = next((k for k in (side, f"{side}_response") if k in row), side)
+        value = row.get(field)
+        answers.append(_turns(value, field)[-1]["content"] if isinstance(value, list) else _text(row, field))
+    rated = [row.get(f"{side}_rating") for side in ("chosen", "rejected")]
+    if not ties and all(isinstance(r, (int, float)) for r in rated) and rated[0] == rated[1]:
+        raise RowError(f"tie: chosen_rating and rejected_rating are both {rated[0]}")
+    return {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}

@@ -55,7 +55,8 @@ def _check_layout(src: Source, row: dict[str, Any], where: str) -> None:
     if src.adapter is not None:
         return
     fmt = detect_format(row) if src.format == "auto" else src.format
-    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "text": ("text",)}[fmt]
+    needed = {"alpaca": ("instruction", "output"), "messages": ("messages",), "text": ("text",),
+              "pairs": ("prompt", "chosen", "rejected")}[fmt]
     missing = [k for k in needed if k not in row]
     if missing:
         cols = ", ".join(k for k in row if k != "id")

@@ -84,6 +84,8 @@ def find_related(texts: list[str], kinds: set[str], persons: list[Iterable[tuple
 
 def row_fields(row: dict[str, Any]) -> list[tuple[str, int | None]]:
     """The text fields of a row, in reading order: (field, message index or None)."""
+    if "chosen" in row:
+        return [("prompt", i) for i in range(len(row["prompt"]))] + [("chosen", None), ("rejected", None)]
     if "messages" in row:
         return [("messages", i) for i in range(len(row["messages"]))]
     if "text" in row:
@@ -161,15 +163,16 @@ class Scanner:
             results = iter(self.scan_texts(texts, [len(fs) for fs in fields]))
             for r, fs in zip(chunk, fields):
                 out, found = dict(r), Findings()
-                if "messages" in r:
-                    out["messages"] = [dict(m) for m in r["messages"]]
+                for key in ("messages", "prompt"):
+                    if isinstance(r.get(key), list):
+                        out[key] = [dict(m) for m in r[key]]
                 for key, i in fs:
                     text, counts = next(results)
                     found.counts.update(counts)
                     if i is None:
                         out[key] = text
                     else:
-                        out["messages"][i]["content"] = text
+                        out[key][i]["content"] = text
                 yield out, found
 
 
