@@ -224,6 +224,10 @@ def stage_settings(recipe: Recipe, stage: str):
     and the rest (batch, schedule, optimizer, checkpoints) from `training:`."""
     if stage == "sft":
         return recipe.training, recipe.data.max_length, recipe.training.packing
+    if stage in AFTER_SFT:
+        from .preference import stage_settings as own
+
+        return own(recipe, stage), recipe.data.max_length, False
     c = recipe.cpt
     t = recipe.training.model_copy(update={"learning_rate": c.learning_rate, "num_train_epochs": c.num_train_epochs,
                                            "max_steps": c.max_steps, "weight_decay": c.weight_decay})
@@ -425,7 +429,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     if stage in PAIRED and recipe.training.preflight_samples and main:
         from .preflight import preflight_pairs
 
-        checks = preflight_pairs(tok, train_ds, trainer.data_collator, recipe.training.preflight_samples, stage)
+        checks = preflight_pairs(tok, trainer.train_dataset, trainer.data_collator, recipe.training.preflight_samples, stage)
         write_json(run.logs / f"preflight-{stage}.json", checks)
     t0 = time.time()
     ok = False
