@@ -1,5 +1,6 @@
 """Row layouts and their validation: Alpaca ({instruction, input?, output}), messages ({messages: [{role, content}]}),
-text ({text}: raw documents) and pairs ({prompt, chosen, rejected}: preference data, the prompt held as messages). Every problem is a RowError with a reason naming the field; nothing is coerced
+text ({text}: raw documents) and pairs ({prompt, chosen, rejected}: preference data, the prompt held as
+messages). Every problem is a RowError with a reason naming the field; nothing is coerced
 silently (a number where text is expected is rejected, not stringified). Importable without torch.
 """
 

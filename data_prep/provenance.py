@@ -71,3 +71,10 @@ def read(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (written by another version, or edited; "
                         "rerun prepare with --force prepare)") from None
     return data
+
+
+def all_sources(prov: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every source the run trained on: the instruction set's, then the continued-pretraining documents' and the
+    preference pairs' when those stages ran (licences and the card's provenance table cover them all)."""
+    extra = [s for key in ("cpt", "preference") for s in ((prov.get(key) or {}).get("sources") or [])]
+    return list(prov["sources"]) + extra

@@ -14,11 +14,12 @@ import yaml
 
 from data_prep import licences
 from data_prep.licences import is_non_commercial
+from data_prep.provenance import all_sources
 from data_prep.provenance import read as read_provenance
 
 from .artifacts import EvalReport, MergeCheck, TrainingSummary
 from .harness import report_markdown
-from .recipe import Recipe
+from .recipe import AFTER_SFT, Recipe
 from .run import RunDir, read_json
 
 DISCLAIMERS = {
@@ -109,7 +110,8 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     report = EvalReport.read_checked(run.eval / "report.json")
     check = MergeCheck.read_if_present(run.merge_check)
     summary = TrainingSummary.read(run.adapter / "training_summary.json")
-    license_id, warnings = card_license(recipe, prov["sources"])
+    sources = all_sources(prov)
+    license_id, warnings = card_license(recipe, sources)
     tags = ["finetune", recipe.domain, "lora"] + (["qlora", "4-bit"] if recipe.quantization.bits == 4 else []) + list(recipe.publish.tags)
     front: dict[str, Any] = {
         "base_model": base_model_name,
@@ -118,9 +120,9 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
         "tags": list(dict.fromkeys(tags)),
     }
     if license_id == "other":
-        applies = {p.get("license") or "unknown" for p in prov["sources"]} | ({recipe.base_model.license} if recipe.base_model.license else set())
+        applies = {p.get("license") or "unknown" for p in sources} | ({recipe.base_model.license} if recipe.base_model.license else set())
         front["license_name"] = other_name(applies)
-    hub_sets = [p["hub"] for p in prov["sources"] if p.get("hub")]
+    hub_sets = list(dict.fromkeys(p["hub"] for p in sources if p.get("hub")))
     if hub_sets:
         front["datasets"] = hub_sets
     index = model_index(recipe.name, report)
@@ -142,18 +144,20 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
     if gguf:
         lines += [f"The base was read from the GGUF file `{gguf['file']}` (sha256 `{gguf['sha256']}`), dequantized to {gguf.get('dtype', 'float32')}.", ""]
     lines += [f"> {w}" for w in warnings] + ([""] if warnings else [])
-    lines += ["## Evaluation (base, adapter as trained, and the published merged model, on identical prompts)", "",
+    sft = "SFT, " if recipe.stages[-1] in AFTER_SFT else ""
+    lines += [f"## Evaluation (base, {sft}adapter as trained, and the published merged model, on identical prompts)", "",
               report_markdown(report) if report["tasks"] else "No evaluation was run.", ""]
     lines += ["## Training", "",
               f"- LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}, targets={recipe.lora.target_modules}",
               f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}), batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps}, "
               f"{summary.global_step} steps, final train loss {summary.train_loss:.4f}",
               f"- template `{recipe.data.template}`, max length {recipe.data.max_length} tokens, seed {t.seed}"]
+    lines += stage_lines(recipe, run)
     q = summary.quantization
     if q.bits == 4:
         lines.append(f"- 4-bit: {q.quantized_modules} layers, {100 * (q.share_of_block_matmul_weights or 0):.1f}% of block matmul weights")
     lines += ["", "## Data provenance", "", "| source | licence | sha256 | rows read | kept | removed |", "|---|---|---|---|---|---|"]
-    for p in prov["sources"]:
+    for p in sources:
         removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p.get("removed", {}).items() if v) or "none"
         digest = (p.get("sha256") or p.get("fingerprint") or "")[:12]
         lines.append(f"| {_source_name(p)} | {p.get('license') or 'unknown'} | `{digest}` | {p['rows_read']} | {p['rows_kept']} | {removed} |")
@@ -185,6 +189,26 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
               *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name),
               *(run_locally(recipe.publish.to, recipe.name, run) if "gguf" in recipe.publish.what else [])]
     return "\n".join(lines)
+
+
+def stage_lines(recipe: Recipe, run: RunDir) -> list[str]:
+    """Which training stages ran, and for a stage after SFT what it trained on and against."""
+    lines = [f"- stages: {' → '.join(recipe.stages)} (each one continues the adapter of the one before)"]
+    last = recipe.stages[-1]
+    if last not in AFTER_SFT:
+        return lines
+    s = TrainingSummary.read(run.stage_adapter(last) / "training_summary.json")
+    if last == "grpo":
+        g = recipe.grpo
+        lines.append(f"- grpo: {s.train_rows} prompts, {g.num_generations} sampled answers each, rewards {', '.join(g.rewards)}, "
+                     f"learning rate {g.learning_rate}, {s.global_step} steps, KL coefficient {g.beta}"
+                     + (" against the SFT policy" if g.beta else " (no reference model)"))
+    else:
+        p = recipe.preference
+        ref = "reference: the SFT policy (a frozen copy of the SFT adapter, checked tensor for tensor)" if s.reference else "no reference model"
+        lines.append(f"- {last}: {s.train_rows} {'rows (each pair as a desirable and an undesirable answer)' if last == 'kto' else 'pairs'}, "
+                     f"beta {p.beta}, learning rate {p.learning_rate}, {s.global_step} steps, final loss {s.train_loss:.4f}; {ref}")
+    return lines
 
 
 def run_locally(to: str | None, name: str, run: RunDir) -> list[str]:

@@ -141,7 +141,7 @@ def grpo_rows(recipe: Recipe, train: list[dict], val: list[dict]) -> tuple[list[
 
 def datacard_lines(prov: dict[str, Any]) -> list[str]:
     """The data card's sections for the preference pairs and the GRPO prompts."""
-    from data_prep.datacard import source_name, pii_lines
+    from data_prep.datacard import pii_lines, source_name
 
     lines: list[str] = []
     p = prov.get("preference")
@@ -149,7 +149,8 @@ def datacard_lines(prov: dict[str, Any]) -> list[str]:
         n = p["pairs"]["train"] + p["pairs"]["val"]
         lines += ["## Preference pairs", "", f"{p['pairs']['train']} training and {p['pairs']['val']} held-out pairs; "
                   f"{p['rejected']} rejected (rejects.jsonl). Lengths in tokens of `{p['tokenizer']}`, the answers with their EOS.", "",
-                  "| source | licence | read | kept | invalid | duplicate | near duplicate | contaminated | PII rows |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| source | licence | read | kept | invalid | duplicate | near duplicate | contaminated | PII rows |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in p["sources"]:
             r = s["removed"]
             lines.append(f"| {source_name(s)} | {s.get('license') or 'unknown'} | {s['rows_read']} | {s['rows_kept']} | {r['invalid']} | "

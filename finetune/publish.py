@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_prep.provenance import all_sources
 from data_prep.provenance import read as read_provenance
 
 from . import distributed
@@ -146,7 +147,7 @@ def gate_failures(recipe: Recipe, run: RunDir) -> list[str]:
         out += [f"regression on {r}" for r in regressions(EvalReport.read_checked(run.eval / "report.json"), g.max_regression, recipe.publish.what)]
     prov = read_provenance(run.data / "provenance.json")
     if g.licence_conflicts:
-        out += [f"licence: {c}" for c in licence_conflicts(recipe, prov["sources"])]
+        out += [f"licence: {c}" for c in licence_conflicts(recipe, all_sources(prov))]
     pii = prov.get("quality", {}).get("pii") or {}
     if g.pii_flagged and pii.get("action") == "flag" and pii.get("rows"):
         out.append(f"personal data: the PII scan flagged {pii['rows']} training rows and kept them as they are "

@@ -291,7 +291,8 @@ class SamplesSpec(Section):
         default_factory=list, description="Small eval tasks over sample files, standing in for `eval.tasks` under `--smoke` (same schema)."
     )
     cpt: list[str] = Field(default_factory=list, description="Sample documents (JSONL with `text`) standing in for `cpt.sources` under `--smoke`, in order.")
-    pairs: str | None = Field(None, description="Sample preference pairs ({prompt, chosen, rejected} JSONL) standing in for `preference.sources` under `--smoke`.")
+    pairs: str | None = Field(
+        None, description="Sample preference pairs ({prompt, chosen, rejected} JSONL) standing in for `preference.sources` under `--smoke`.")
     tokenizer: Literal["byte_level", "sentencepiece"] = Field(
         "byte_level", description="The kind of tokenizer the smoke stand-in gets, to match the real base's: `byte_level` (GPT-2 style byte-level "
         "BPE: Llama 3, Qwen2, SmolLM) or `sentencepiece` (a SentencePiece-style BPE with `▁` for spaces, byte fallback and `<0xNN>` byte "
