@@ -1,4 +1,4 @@
-"""`finetune data build|validate|stats|scan|synth`: the data_prep package from the command line. Importing this module
+"""`finetune data build|validate|stats|scan|synth|pairs`: the data_prep package from the command line (pairs: from a run's SFT model). Importing this module
 must not import torch (a local teacher imports it when used)."""
 
 from __future__ import annotations
@@ -363,4 +363,35 @@ def grounded(docs: Annotated[Path, typer.Option("--docs", help="Folder of .txt/.
 
     result = run(_teacher(teacher, model, api_key_env, api, retries), docs, out, domain=domain, per_chunk=per_chunk,
                  chunk_words=chunk_words, min_grounding=min_grounding, limit=limit, progress=progress)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("pairs")
+def pairs(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run whose sft stage is done.")], out: OutOpt,
+          k: Annotated[int, typer.Option("--k", help="Answers sampled per prompt.")] = 4,
+          method: Annotated[str, typer.Option("--method", help="checker (answers checked like the eval's exact match), judge (the teacher "
+                                                                "picks the better of two), or auto: checker when the recipe has an "
+                                                                "exact_match task.")] = "auto",
+          teacher: Annotated[Optional[str], typer.Option("--teacher", help="For judge: an OpenAI-compatible endpoint (http://HOST:PORT/v1) "
+                                                                            "or local:PATH.")] = None,
+          model: ModelOpt = None,
+          split: Annotated[str, typer.Option("--split", help="Prompts from RUN/data/train.jsonl or val.jsonl.")] = "train",
+          limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.")] = None,
+          max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Cap on each sampled answer.")] = 256,
+          temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (1.0 gives varied answers).")] = 1.0,
+          seed: Annotated[int, typer.Option("--seed", help="Sampling seed (per prompt: seed + the prompt's hash).")] = 0,
+          gold_if_none: Annotated[bool, typer.Option("--gold-if-none", help="checker: when no sample is right, the row's reference "
+                                                                             "solution is the chosen answer.")] = False,
+          api: ApiOpt = "chat", api_key_env: KeyEnvOpt = "OPENAI_API_KEY", retries: RetriesOpt = 4, progress: ProgressOpt = True) -> None:
+    """Preference pairs from the run's own SFT model: k sampled answers per training prompt, paired by the answer checker
+    (rejection sampling) or by a teacher judging two of them. Resumable: a rerun continues OUT."""
+    from .selfpairs import make_pairs
+
+    if method not in ("auto", "checker", "judge"):
+        raise DataError(f"--method {method!r}: use auto, checker or judge")
+    if split not in ("train", "val"):
+        raise DataError(f"--split {split!r}: use train or val")
+    judge = _teacher(teacher, model, api_key_env, api, retries) if teacher else None
+    result = make_pairs(run_dir, out, k=k, method=method, teacher=judge, split=split, limit=limit, max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed, gold_if_none=gold_if_none, progress=progress)
     typer.echo(json.dumps(result, indent=2))

@@ -366,3 +366,81 @@ def test_sigterm_in_dpo_then_resume_equals_an_uninterrupted_run(dpo_sft_done, tm
     assert max(float((final[k] - kept[k]).abs().max()) for k in final) > 1e-4  # it trained after the resume
     assert max(float((final[k] - uninterrupted[k]).abs().max()) for k in final) <= 1e-6
     assert json.loads((d / "dpo/training_summary.json").read_text())["resumed_from_step"] == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# `finetune data pairs`: pairs from the run's own SFT model
+
+
+class _Judge:
+    """A stand-in teacher: prefers the answer containing `good`, or (biased) always answers A."""
+
+    name = "stand-in judge"
+
+    def __init__(self, good: str | None):
+        self.good, self.prompts = good, []
+
+    def complete(self, prompt, *, max_tokens, temperature, top_p=1.0, stop=None):
+        from data_prep.synth.teacher import Completion
+
+        self.prompts.append(prompt)
+        if self.good is None:
+            return Completion("A", False)
+        a = prompt.split("Answer A:")[1].split("Answer B:")[0]
+        return Completion("A" if self.good in a else "B.", False)
+
+
+def test_checker_pairs_a_right_answer_with_a_wrong_one():
+    from finetune.selfpairs import checker_pair
+
+    samples = ["3 + 4 = 8, so \\boxed{8}", "3 + 4 = 7.\nThe answer is \\boxed{7}", "I think 7.0"]
+    got, what = checker_pair(samples, "7", None)
+    assert what == "pair" and got["chosen"] == samples[1] and got["rejected"] == samples[0] and got["correct_samples"] == 2
+    assert checker_pair(samples[1:], "7", None) == (None, "all correct")
+    assert checker_pair(samples[:1], "7", None) == (None, "none correct")
+    got, what = checker_pair(samples[:1], "7", "The answer is \\boxed{7}.")
+    assert got["chosen"] == "The answer is \\boxed{7}." and got["chosen_is_reference"]
+
+
+def test_judge_verdicts_must_survive_swapping_the_answers():
+    from finetune.selfpairs import judge_pair
+
+    fair = _Judge("relieves pain")
+    got, what = judge_pair(fair, "What is an analgesic?", "A pain reliever.", "A bandage.", "A medicine that relieves pain.")
+    assert what == "pair" and got == {"chosen": "A medicine that relieves pain.", "rejected": "A bandage."}
+    assert len(fair.prompts) == 2 and all("Reference answer" in p and "A pain reliever." in p for p in fair.prompts)
+    biased = _Judge(None)  # always "A": it picks a different answer once they are swapped
+    assert judge_pair(biased, "q", None, "x", "y") == (None, "judge inconsistent when swapped")
+    assert "Reference answer" not in biased.prompts[0]
+
+
+def test_data_pairs_from_a_run_resume_and_read_back_as_pairs(after_sft_runs, tmp_path):
+    from finetune.selfpairs import make_pairs
+
+    d, _ = after_sft_runs["grpo"]  # the math smoke run: its rows have checkable answers
+    from finetune.answers import extract
+
+    gold = {r["prompt"]: extract(r["completion"]) for r in map(json.loads, (d / "data/train.jsonl").read_text().splitlines())}
+    calls = []
+
+    def sampler(prompt, k, seed):  # hand-written answers: odd prompts get one right and one wrong, even ones only right ones
+        calls.append(prompt)
+        right = f"So the total is {gold[prompt]}.\nThe answer is \\boxed{{{gold[prompt]}}}."
+        return ["The answer is \\boxed{-12345}.", right] + ["x"] * (k - 2) if len(calls) % 2 else [right] * k
+
+    out = tmp_path / "pairs.jsonl"
+    first = make_pairs(d, out, k=3, limit=2, sampler=sampler)
+    assert first["method"] == "checker" and first["prompts"] == 2 and len(calls) == 2
+    again = make_pairs(d, out, k=3, limit=4, sampler=sampler)  # continues: only the two new prompts are sampled
+    assert len(calls) == 4 and again["prompts"] == 4 and again["samples"] == 12
+    assert again["pair"] == again["pairs"] == 2 and again["all correct"] == 2
+    first_pair = json.loads(out.read_text().splitlines()[0])
+    assert first_pair["rejected"] == "The answer is \\boxed{-12345}." and first_pair["origin"]["method"] == "checker"
+    got = _collect(tmp_path, [json.loads(line) for line in out.read_text().splitlines()])
+    assert len(got.rows) == again["pairs"] and not got.rejects  # every written pair is a valid pair
+    with pytest.raises(Exception, match="other settings"):
+        make_pairs(d, out, k=5, limit=4, sampler=sampler)
+
+    # the real SFT model samples k answers per prompt
+    real = make_pairs(d, tmp_path / "real.jsonl", k=2, limit=1, max_new_tokens=8)
+    assert real["samples"] == 2 and real["prompts"] == 1
