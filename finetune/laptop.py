@@ -33,7 +33,7 @@ from typing import Any
 
 from .errors import UserError
 from .gguf import cache_root
-from .recipe import Recipe, apply_overrides, parse_recipe, resolve_path
+from .recipe import PREFERENCE_STAGES, Recipe, apply_overrides, parse_recipe, resolve_path
 from .recipe_paths import LOCATION_PATH_KEYS as PATH_KEYS
 from .run import RunDir, sha256_file
 
@@ -212,6 +212,25 @@ def laptop_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list
                    for p, s in zip(recipe.samples.cpt, recipe.cpt.sources)]
         d["cpt"]["sources"] = cpt
         d["cpt"].update(block_size=min(recipe.cpt.block_size, lp.max_length), max_steps=max(1, lp.max_steps // 2))
+    last = recipe.stages[-1]
+    if last in PREFERENCE_STAGES:
+        pairs = _localise(d["preference"]["sources"], recipe_dir, data_dir, "preference source")
+        for s in pairs:
+            s["limit"] = min(s.get("limit") or lp.max_rows, lp.max_rows)
+        if not pairs:
+            if recipe.samples is None or not recipe.samples.pairs:
+                raise UserError(f"--laptop with stages {recipe.stages}: no preference source is on disk. Make pairs from the run's "
+                                "SFT model with `finetune data pairs RUN --out pairs.jsonl`, then --set 'preference.sources=[{path: "
+                                "pairs.jsonl, format: pairs}]'")
+            log.warning("laptop: no preference source of the recipe is on disk: training on the pairs written for it (%s)", recipe.samples.pairs)
+            pairs = [{"path": str(resolve_path(recipe_dir, recipe.samples.pairs)), "format": "pairs", "license": LICENSE}]
+        d["preference"]["sources"] = pairs
+        d["preference"].update(max_steps=lp.max_steps, val_max=lp.val_rows)
+    if last == "grpo":
+        # Sampling is what a CPU does slowest: a few answers per prompt, as long as an eval answer, on a few prompts.
+        g = recipe.grpo
+        d["grpo"].update(max_steps=max(1, lp.max_steps // 4), num_generations=min(g.num_generations, 4),
+                         max_completion_length=min(g.max_completion_length, lp.max_new_tokens), val_prompts=min(g.val_prompts, lp.generate_max_samples))
     d["merge"].update(enabled=True)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     d["samples"] = None

@@ -168,7 +168,9 @@ def _sft_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
     start = files(run, run.cpt) if cpt_on(r) else {}
-    return ({**sections, "base_model": base_section(ctx), "max_length": r.data.max_length, "stages": r.stages},
+    # the stages up to sft: adding a stage after it (dpo, grpo ...) to a finished run does not retrain SFT
+    upto_sft = r.stages[: r.stages.index("sft") + 1]
+    return ({**sections, "base_model": base_section(ctx), "max_length": r.data.max_length, "stages": upto_sft},
             {**files(run, run.rows("sft", "train"), run.rows("sft", "val")), **start, **base_inputs(ctx)})
 
 

@@ -444,3 +444,19 @@ def test_data_pairs_from_a_run_resume_and_read_back_as_pairs(after_sft_runs, tmp
     # the real SFT model samples k answers per prompt
     real = make_pairs(d, tmp_path / "real.jsonl", k=2, limit=1, max_new_tokens=8)
     assert real["samples"] == 2 and real["prompts"] == 1
+
+
+@pytest.mark.slow
+def test_adding_a_stage_after_sft_to_a_finished_run_does_not_retrain_sft(tmp_path):
+    from finetune.pipeline import make_context, run_stages, start
+
+    d = tmp_path / "run"
+    ctx, resolved = make_context(str(RECIPES / "medical.yaml"), [], True, str(d), [])
+    start(ctx, resolved)
+    assert run_stages(ctx)["sft"] == "ran"
+    sft = (d / "adapter/adapter_model.safetensors").read_bytes()
+    ctx, resolved = make_context(str(RECIPES / "medical.yaml"), ["stages=[sft, dpo]"], True, str(d), [])
+    start(ctx, resolved)
+    outcome = run_stages(ctx)
+    assert outcome["prepare"] == "ran" and outcome["sft"] == "skipped" and outcome["dpo"] == "ran"
+    assert (d / "adapter/adapter_model.safetensors").read_bytes() == sft
