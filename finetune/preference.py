@@ -180,9 +180,10 @@ def make_config(recipe: Recipe, stage: str, output_dir: Path, has_val: bool, rep
     from trl import GRPOConfig
 
     g = recipe.grpo
-    # trl's default generation batch is per_device_train_batch_size x steps_per_generation prompts' worth of answers;
-    # it must be a multiple of num_generations, so the batch is counted in answers.
-    args["per_device_train_batch_size"] = max(args["per_device_train_batch_size"], g.num_generations)
+    # trl's batch counts answers, not prompts, and a generation batch must hold whole groups: the recipe's batch is
+    # rounded up to a multiple of num_generations (batch 4 with 8 answers per prompt trains on one prompt's 8).
+    b = args["per_device_train_batch_size"]
+    args["per_device_train_batch_size"] = -(-b // g.num_generations) * g.num_generations
     args.pop("max_length")
     return GRPOConfig(**args, num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                       temperature=g.temperature, top_p=g.top_p, beta=g.beta, reward_weights=g.reward_weights,

@@ -38,7 +38,9 @@ sys.addaudithook(_audit)  # audit hooks cannot be removed; it records only while
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stages") / "run"
-    ctx, resolved = make_context(str(RECIPES / "legal.yaml"), ["stages=[cpt, sft]", "export.gguf=[q8_0]"], True, str(run_dir), [])
+    # every kind of stage in one run: cpt, sft, a preference stage after it (dpo; orpo, kto and grpo share its
+    # declaration), export
+    ctx, resolved = make_context(str(RECIPES / "medical.yaml"), ["stages=[cpt, sft, dpo]", "export.gguf=[q8_0]"], True, str(run_dir), [])
     start(ctx, resolved)
     real = pipeline.run_stage
 
@@ -59,8 +61,10 @@ def traced(tmp_path_factory):
 
 def test_every_declared_stage_ran_and_left_its_outputs(traced):
     ctx, outcome = traced
-    assert outcome == {name: "ran" for name in stages.NAMES}
+    assert outcome == {name: "ran" for name in stages.NAMES if name not in ("orpo", "kto", "grpo")}
     for s in stages.STAGES:
+        if s.name not in outcome:
+            continue
         outs = s.outputs(ctx)
         assert outs or s.name == "publish", s.name  # publish writes to its target (checked by its still_done)
         for p in outs:
@@ -76,6 +80,8 @@ def test_every_file_a_stage_reads_is_in_its_fingerprint(traced):
     recipe_dir = Path(ctx.recipe_dir).resolve()
     checked = 0
     for s in stages.STAGES:
+        if not s.active(ctx.recipe):
+            continue
         sections, inputs = pipeline.stage_inputs(ctx, s.name)
         hashed = {str(root / k) if not k.startswith(("/", "$RECIPE")) else k.replace("$RECIPE", str(recipe_dir), 1) for k in inputs}
         own = [p.resolve() for p in s.outputs(ctx)] + ([s.checkpoints(ctx.run).resolve()] if s.checkpoints else [])
