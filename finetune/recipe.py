@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from data_prep.schema import Section, explain
 from data_prep.spec import DataSpec, Source, resolve_path  # noqa: F401  (the data section is data_prep's schema)
@@ -33,6 +33,9 @@ def check_steps(v: int) -> int:
     if v == 0 or v < -1:  # 0 once passed validation and failed at run time; transformers reads <= 0 as "use the epochs"
         raise ValueError("give a number of optimizer steps (1 or more), or -1 to derive it from the epochs")
     return v
+
+
+Steps = Annotated[int, AfterValidator(check_steps)]  # a `max_steps` field: 1 or more, or -1 for "from the epochs"
 
 
 class BaseModelSpec(Section):
@@ -97,12 +100,7 @@ class TrainingSpec(Section):
     """Optimisation settings, named as in transformers' TrainingArguments."""
 
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set (ignored when `max_steps` > 0).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return check_steps(v)
+    max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
 
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
@@ -324,12 +322,7 @@ class CptSpec(Section):
     )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (BioMistral CPT: 2e-5, cosine).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the packed stream (CPT corpora are usually seen once).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return check_steps(v)
+    max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
 
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (BioMistral CPT: 0.01).")
 
@@ -367,12 +360,7 @@ class PreferenceSpec(Section):
     )
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (alignment-handbook QLoRA DPO: 5e-6).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (alignment-handbook: 1).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return check_steps(v)
+    max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
 
     warmup_steps: Union[int, float] = Field(0.1, ge=0, description="Warm-up: steps, or a fraction of the total below 1 (alignment-handbook: 0.1).")
     val_fraction: float = Field(
@@ -419,12 +407,7 @@ class GrpoSpec(Section):
     )
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the prompts.")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return check_steps(v)
+    max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
 
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many training prompts (a seeded sample).")
     val_prompts: int = Field(32, ge=0, description="Held-out prompts (from the validation split) scored for the report's mean reward.")

@@ -460,3 +460,20 @@ def test_adding_a_stage_after_sft_to_a_finished_run_does_not_retrain_sft(tmp_pat
     outcome = run_stages(ctx)
     assert outcome["prepare"] == "ran" and outcome["sft"] == "skipped" and outcome["dpo"] == "ran"
     assert (d / "adapter/adapter_model.safetensors").read_bytes() == sft
+
+
+def test_a_nan_in_a_dpo_step_stops_it_naming_the_step(dpo_sft_done, tmp_path, monkeypatch):
+    from finetune.errors import StageFailed
+    from finetune.pipeline import make_context, run_stages, start
+
+    from .test_reliability import nan_at
+
+    d = tmp_path / "run"
+    shutil.copytree(dpo_sft_done, d)
+    nan_at(monkeypatch, {5, 6})  # a DPO step runs two forwards in training mode: the policy's and the reference's
+    ctx, resolved = make_context(str(RECIPES / "medical.yaml"), DPO_SETS, True, str(d), [])
+    start(ctx, resolved)
+    with pytest.raises(StageFailed, match=r"non-finite loss and gradient norm at optimizer step 3 \(epoch"):
+        run_stages(ctx, ("prepare", "sft", "dpo"))
+    assert json.loads((d / "manifest.json").read_text())["stages"]["dpo"]["status"] == "failed"
+    assert not (d / "dpo").exists()
