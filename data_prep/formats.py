@@ -76,8 +76,18 @@ def _prompt(row: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": _string(row, "prompt")}]
 
 
+def _answer(row: dict[str, Any], key: str) -> str:
+    """A pair's answer: text, or trl's conversational form, one assistant message ([{role: assistant, content}])."""
+    value = row.get(key)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise RowError(f"field '{key}' as messages must be one assistant message (the answer to the prompt)")
+        return _string(value[0], "content")
+    return _string(row, key)
+
+
 def _pair(row: dict[str, Any]) -> dict[str, Any]:
-    out = {"prompt": _prompt(row), "chosen": _string(row, "chosen"), "rejected": _string(row, "rejected")}
+    out = {"prompt": _prompt(row), "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")}
     if normalised_text(out["chosen"]) == normalised_text(out["rejected"]):
         raise RowError("chosen and rejected are the same answer: the pair teaches nothing")
     return out

@@ -76,14 +76,19 @@ def test_bad_pairs_are_rejected_with_their_row_numbers(tmp_path):
         {"prompt": "What is jaundice?", "chosen": "Yellow skin from bilirubin."},  # no rejected
         {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "chosen": "a", "rejected": "b"},
         {"prompt": "What is cyanosis?", "chosen": 3, "rejected": "A rash."},
+        # trl's conversational layout: the answers as one assistant message each
+        {"prompt": [{"role": "user", "content": "What is pyrexia?"}], "chosen": [{"role": "assistant", "content": "Fever."}],
+         "rejected": [{"role": "assistant", "content": "A fear of fire."}]},
+        {"prompt": "What is hypoxia?", "chosen": [{"role": "user", "content": "Low oxygen."}], "rejected": "Too much oxygen."},
     ]
     got = _collect(tmp_path, rows)
-    assert [r["chosen"] for r in got.rows] == ["A medicine that relieves pain."]
+    assert [r["chosen"] for r in got.rows] == ["A medicine that relieves pain.", "Fever."]
     reasons = {r["row"]: r["reason"] for r in got.rejects}
     assert "chosen and rejected are the same answer" in reasons[2]
     assert "missing field 'rejected'" in reasons[3]
     assert "last message must be the user's" in reasons[4]
     assert "field 'chosen' is int" in reasons[5]
+    assert "must be one assistant message" in reasons[7]
 
 
 def test_pairs_are_deduplicated_decontaminated_and_scrubbed(tmp_path):
