@@ -482,3 +482,27 @@ def test_a_nan_in_a_dpo_step_stops_it_naming_the_step(dpo_sft_done, tmp_path, mo
         run_stages(ctx, ("prepare", "sft", "dpo"))
     assert json.loads((d / "manifest.json").read_text())["stages"]["dpo"]["status"] == "failed"
     assert not (d / "dpo").exists()
+
+
+def test_preference_metrics_from_log_probs():
+    import numpy as np
+
+    from finetune.stage_eval import grpo_metrics, preference_metrics
+
+    # chosen/rejected log-probs of 4 pairs under each model, written out by hand
+    logps = {"base": (np.array([-10.0, -8, -9, -7]), np.array([-9.0, -9, -8, -8])),
+             "sft": (np.array([-6.0, -5, -7, -4]), np.array([-5.0, -6, -6, -5])),
+             "tuned": (np.array([-5.0, -5, -8, -3]), np.array([-7.0, -6, -6, -7]))}
+    out = preference_metrics(logps)
+    assert out["n"] == 4
+    assert [out["preference_accuracy"][c]["correct"] for c in ("base", "sft", "tuned")] == [2, 2, 3]
+    # margins by hand: (tuned_c - sft_c) - (tuned_r - sft_r) = [1 - -2, 0 - 0, -1 - 0, 1 - -2] = [3, 0, -1, 3]
+    assert out["reward_margin"]["score"] == pytest.approx(5 / 4)
+    assert out["reward_accuracy"]["correct"] == 2  # strictly positive: 3 and 3
+    lo, hi = out["reward_margin"]["ci95"]
+    assert -1 <= lo <= 5 / 4 <= hi <= 3
+    g = grpo_metrics({"base": {"correctness": [0, 0, 1, 0], "boxed_format": [1, 0, 0, 0]},
+                      "sft": {"correctness": [1, 0, 1, 0], "boxed_format": [1, 1, 1, 1]},
+                      "tuned": {"correctness": [1, 1, 1, 0], "boxed_format": [1, 1, 1, 1]}}, [1.0, 0.2])
+    assert g["n"] == 4 and g["mean_reward"]["base"]["score"] == pytest.approx((1 + 0.2) / 4)
+    assert g["mean_reward"]["tuned"]["score"] == pytest.approx((3 + 0.8) / 4) and g["rewards"]["sft"] == {"correctness": 0.5, "boxed_format": 1.0}
