@@ -126,3 +126,26 @@ def test_derived_merge_tolerance_scales_with_width_depth_and_logits():
     # SmolLM2-135M (d 576, 30 layers, logits up to ~30): about 1e-2, far above the 1.1e-4 to 1.9e-4 real merges showed
     # (the cap at 1% of the adapter's own effect keeps it from excusing a defect)
     assert 1e-3 < derived_atol(30.0, 576, 30) < 2e-2
+
+
+def test_laptop_preference_and_grpo_stages(no_fetch, tmp_path):
+    # the medical recipe's pairs are on the Hub: the pairs written for it stand in, with CPU-sized settings
+    r = _laptop("medical", tmp_path, overrides=["stages=[sft, dpo]"])
+    [src] = r.preference.sources
+    assert src.path.endswith("samples/medical_pairs.jsonl") and src.format == "pairs"
+    assert r.preference.max_steps == r.laptop.max_steps and r.preference.val_max == r.laptop.val_rows
+    # a pairs file of the user's, named with --set, is used as it is
+    pairs = tmp_path / "mine.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    r = _laptop("medical", tmp_path, overrides=["stages=[sft, kto]", f"preference.sources=[{{path: {pairs}, format: pairs}}]"])
+    assert [s.path for s in r.preference.sources] == [str(pairs)]
+    # GRPO: a few answers per prompt, as long as an eval answer
+    g = _laptop("math", tmp_path, overrides=["stages=[sft, grpo]"]).grpo
+    assert g.num_generations == 4 and g.max_completion_length == 160 and g.max_steps == 10
+
+
+def test_laptop_preference_without_pairs_on_disk_says_how_to_make_them(no_fetch, tmp_path):
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="finetune data pairs RUN"):
+        _laptop("math", tmp_path, overrides=["stages=[sft, dpo]", "preference={sources: [{hub: org/pairs}]}"])
