@@ -54,7 +54,7 @@ Reply with one letter only: A or B. If they are equally good, reply TIE."""
 
 REFERENCE_LINE = "A reference answer written by an expert is given; judge each answer against it.\n\nReference answer:\n\"\"\"\n{ref}\n\"\"\"\n"
 
-Sampler = Callable[[str, int, int], list[str]]  # (prompt text, k, seed) -> k answers
+Sampler = Callable[[str, int, int], list[tuple[str, bool]]]  # (prompt text, k, seed) -> k (answer, cut off at the token cap)
 
 
 def prompt_messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
@@ -68,10 +68,11 @@ def prompt_messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
     return [{"role": "user", "content": row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")}]
 
 
-def checker_pair(samples: list[str], reference: str, gold: str | None) -> tuple[dict[str, Any] | None, str]:
-    """(chosen, rejected) by the answer checker, and what happened."""
-    right = [s for s in samples if equivalent(extract(s), reference)]
-    wrong = [s for s in samples if s not in right]
+def checker_pair(samples: list[str], reference: str, gold: str | None, cut: set[str] = frozenset()) -> tuple[dict[str, Any] | None, str]:
+    """(chosen, rejected) by the answer checker, and what happened. An answer in `cut` stopped at the token cap: it can
+    be rejected, never chosen (the model would learn to stop mid-sentence)."""
+    right = [s for s in samples if equivalent(extract(s), reference) and s not in cut]
+    wrong = [s for s in samples if not equivalent(extract(s), reference)]
     if right and wrong:
         return {"chosen": right[0], "rejected": wrong[0], "correct_samples": len(right)}, "pair"
     if not right and gold is not None and wrong:
@@ -124,7 +125,13 @@ def model_sampler(run: RunDir, recipe, max_new_tokens: int, temperature: float, 
             out = model.generate(input_ids=ids.repeat(k, 1), attention_mask=torch.ones_like(ids).repeat(k, 1), do_sample=True,
                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad,
                                  eos_token_id=stop_ids(tok) or None)
-        return [tok.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
+        eos = set(stop_ids(tok))
+        answers = []
+        for o in out:
+            new = o[ids.shape[1]:].tolist()
+            ended = any(t in eos for t in new)
+            answers.append((tok.decode(new, skip_special_tokens=True).strip(), not ended and len(new) >= max_new_tokens))
+        return answers
 
     return sample
 
@@ -168,18 +175,21 @@ def make_pairs(run_dir: Path, out: Path, *, k: int = 4, method: str = "auto", te
             continue
         samples = sampler(r["prompt"], k, seed + int(unit[:8], 16))
         counts["samples"] += len(samples)
-        distinct = list(dict.fromkeys(s for s in samples if s.strip()))
+        cut = {text for text, truncated in samples if truncated}
+        counts["samples cut at the token cap"] += len(cut)
+        distinct = list(dict.fromkeys(text for text, _ in samples if text.strip()))
         if method == "checker":
             reference = extract(r["completion"])
             if reference is None:
                 got, what = None, "no reference answer to check against"
             else:
-                got, what = checker_pair(distinct, reference, r["completion"] if gold_if_none else None)
-        elif len(distinct) < 2:
-            got, what = None, "fewer than two distinct answers"
+                got, what = checker_pair(distinct, reference, r["completion"] if gold_if_none else None, cut)
+        elif len([s for s in distinct if s not in cut]) < 2:
+            got, what = None, "fewer than two distinct finished answers"
         else:
             question = "\n\n".join(m["content"] for m in msgs if m["role"] != "system")
-            got, what = judge_pair(teacher, question, r.get("completion"), distinct[0], distinct[1])
+            finished = [s for s in distinct if s not in cut]
+            got, what = judge_pair(teacher, question, r.get("completion"), finished[0], finished[1])
         counts[what] += 1
         kept = []
         if got is not None:

@@ -403,6 +403,9 @@ def test_checker_pairs_a_right_answer_with_a_wrong_one():
     assert what == "pair" and got["chosen"] == samples[1] and got["rejected"] == samples[0] and got["correct_samples"] == 2
     assert checker_pair(samples[1:], "7", None) == (None, "all correct")
     assert checker_pair(samples[:1], "7", None) == (None, "none correct")
+    # a right answer cut off at the token cap is never the chosen one
+    assert checker_pair(samples, "7", None, cut={samples[1]})[0]["chosen"] == samples[2]
+    assert checker_pair(samples, "7", None, cut={samples[1], samples[2]}) == (None, "none correct")
     got, what = checker_pair(samples[:1], "7", "The answer is \\boxed{7}.")
     assert got["chosen"] == "The answer is \\boxed{7}." and got["chosen_is_reference"]
 
@@ -431,7 +434,8 @@ def test_data_pairs_from_a_run_resume_and_read_back_as_pairs(after_sft_runs, tmp
     def sampler(prompt, k, seed):  # hand-written answers: odd prompts get one right and one wrong, even ones only right ones
         calls.append(prompt)
         right = f"So the total is {gold[prompt]}.\nThe answer is \\boxed{{{gold[prompt]}}}."
-        return ["The answer is \\boxed{-12345}.", right] + ["x"] * (k - 2) if len(calls) % 2 else [right] * k
+        texts = ["The answer is \\boxed{-12345}.", right] + ["x"] * (k - 2) if len(calls) % 2 else [right] * k
+        return [(t, False) for t in texts]
 
     out = tmp_path / "pairs.jsonl"
     first = make_pairs(d, out, k=3, limit=2, sampler=sampler)
