@@ -207,7 +207,8 @@ def _trainer(stage: str) -> Callable[[Context, Path | None], Any]:
 def _merge_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     return ({"merge": r.merge.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump()},
-            {**files(run, final(ctx), run.data / "val.jsonl"), **base_inputs(ctx)})
+            # probes: the validation rows, topped up from the training rows when there are fewer (merge.probe_rows)
+            {**files(run, final(ctx), run.data / "val.jsonl", run.data / "train.jsonl"), **base_inputs(ctx)})
 
 
 def _merge_run(ctx: Context, resume_from: Path | None) -> Any:
