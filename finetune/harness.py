@@ -123,13 +123,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     final = (report.get("stages") or ["sft"])[-1]
     head = ["task", "metric", "n", "base"]
     if sft:
-        head += ["SFT", "delta", f"{final} (adapter)", "delta vs SFT [95% CI]"]
+        head += ["SFT", "delta [95% CI]", f"{final} (adapter)", "delta vs SFT [95% CI]"]
     elif pair:
         head += ["tuned (adapter)" if merged else "tuned", "delta"]
     else:
         head[-1] = "score"
     if merged:
-        head += ["merged (published)", "delta"]
+        head += ["merged (published)", "delta [95% CI]" if sft else "delta"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in report["tasks"]:
         m = t["metric"]
@@ -138,14 +138,15 @@ def report_markdown(report: dict[str, Any]) -> str:
                           f"{_fmt(s['score'], m)} [{_fmt(s['ci95'][0], m)}, {_fmt(s['ci95'][1], m)}]")
         signed = lambda d: "n/a" if d is None else ("+" if d >= 0 else "-") + _fmt(abs(d), m)  # noqa: E731
         row = f"| {t['name']} | {m.replace('_', ' ')} {arrow} | {t['n']} | {cell(t['base'])} |"
+        # with an SFT column every delta carries its paired 95% interval (three columns are read as two comparisons)
+        ci = lambda key: (f" [{signed(t[key][0])}, {signed(t[key][1])}]" if sft and t.get(key) and None not in t[key] else "")  # noqa: E731
         if sft:
-            ci = t.get("tuned_vs_sft_ci95")
-            interval = f" [{signed(ci[0])}, {signed(ci[1])}]" if ci and None not in ci else ""
-            row += f" {cell(t.get('sft'))} | {signed(t.get('sft_delta'))} | {cell(t.get('tuned'))} | {signed(t.get('tuned_vs_sft'))}{interval} |"
+            row += (f" {cell(t.get('sft'))} | {signed(t.get('sft_delta'))}{ci('sft_delta_ci95')} | {cell(t.get('tuned'))} | "
+                    f"{signed(t.get('tuned_vs_sft'))}{ci('tuned_vs_sft_ci95')} |")
         elif pair:
             row += f" {cell(t.get('tuned'))} | {signed(t.get('delta'))} |"
         if merged:
-            row += f" {cell(t.get('merged'))} | {signed(t.get('merged_delta'))} |"
+            row += f" {cell(t.get('merged'))} | {signed(t.get('merged_delta'))}{ci('merged_delta_ci95')} |"
         lines.append(row)
     lines += stage_lines(report)
     note = ("\nScores in % except perplexity; [95% CI]: Wilson for accuracy, bootstrap otherwise. ↑ higher is better, ↓ lower.\n")

@@ -242,7 +242,7 @@ def test_stage_after_sft_runs_end_to_end_with_three_columns(after_sft_runs, stag
         assert p["stage"] == stage and p["n"] == len((d / "data/pairs_val.jsonl").read_text().splitlines()) > 0
         assert set(p["preference_accuracy"]) == {"base", "sft", "tuned"} and p["reward_accuracy"]["ci95"][0] <= p["reward_accuracy"]["score"]
     md = (d / "eval/report.md").read_text()
-    assert f"| SFT | delta | {stage} (adapter) |" in md
+    assert f"| SFT | delta [95% CI] | {stage} (adapter) | delta vs SFT [95% CI] | merged (published) | delta [95% CI] |" in md
     # the shipped adapter is the stage's, which moved off the SFT adapter; the card says which stages ran
     published = sorted((d / "hub").rglob("adapter_model.safetensors"))[-1]
     ours, sft = load_file(d / stage / "adapter_model.safetensors"), load_file(d / "adapter/adapter_model.safetensors")
