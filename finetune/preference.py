@@ -241,7 +241,7 @@ def trainer_class(stage: str):
     return guarded(Ours)
 
 
-def make_trainer(recipe: Recipe, run: RunDir, stage: str, model, tok, train_ds, val_ds, work: Path, callbacks, report_to):
+def make_trainer(recipe: Recipe, stage: str, model, tok, train_ds, val_ds, work: Path, callbacks, report_to):
     args = make_config(recipe, stage, work, val_ds is not None, report_to)
     kw: dict[str, Any] = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok, callbacks=callbacks)
     if stage == "grpo":

@@ -373,7 +373,7 @@ def _trainer(recipe: Recipe, run: RunDir, stage: str, model, tok, train_ds, val_
     if stage in AFTER_SFT:
         from .preference import make_trainer
 
-        trainer = make_trainer(recipe, run, stage, model, tok, train_ds, val_ds, work, callbacks, report_to)
+        trainer = make_trainer(recipe, stage, model, tok, train_ds, val_ds, work, callbacks, report_to)
     else:
         from trl import SFTTrainer
 
