@@ -11,12 +11,13 @@ import torch
 from data_prep.errors import DataError
 from finetune.errors import UserError
 from finetune.pipeline import make_context, run_stages, start
+from finetune.recipe import AFTER_SFT
 from finetune.run import RunDir
 from finetune.stages import NAMES as STAGES
 
 from .conftest import RECIPES
 
-SFT_STAGES = tuple(s for s in STAGES if s not in ("cpt", "export"))  # the shipped recipes' stages are [sft], no GGUF export
+SFT_STAGES = tuple(s for s in STAGES if s not in ("cpt", "export", *AFTER_SFT))  # the shipped recipes' stages are [sft], no GGUF export
 ALL_RAN = {s: "ran" for s in SFT_STAGES}
 
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from finetune.card import front_matter
-from finetune.recipe import load_recipe
+from finetune.recipe import AFTER_SFT, load_recipe
 from finetune.stages import NAMES as STAGES
 
 from .conftest import RECIPES, ROOT
 
-SFT_STAGES = tuple(s for s in STAGES if s not in ("cpt", "export"))  # the shipped recipes' stages are [sft], no GGUF export
+SFT_STAGES = tuple(s for s in STAGES if s not in ("cpt", "export", *AFTER_SFT))  # the shipped recipes' stages are [sft], no GGUF export
 
 
 @pytest.mark.slow
