@@ -78,7 +78,8 @@ def stage_datasets(run: RunDir, stage: str):
 
 
 def _saved_pairs(model, sft_dir: Path):
-    """(saved SFT tensor, live parameter of `adapter`) for every tensor of RUN/adapter, per adapter name."""
+    """(live parameter name, adapter name, saved SFT tensor, live parameter or None) for every tensor of RUN/adapter, for
+    the trainable adapter ("default") and the reference copy ("ref")."""
     from safetensors.torch import load_file
 
     from .errors import StageFailed
@@ -137,21 +138,6 @@ def check_reference(model, sft_dir: Path) -> dict[str, Any]:
 # Trainers
 
 
-def _common_args(recipe: Recipe, stage: str, output_dir: Path, has_val: bool, report_to) -> dict[str, Any]:
-    """The TrainingArguments every stage shares with SFT (train.sft_config), with this stage's learning settings."""
-    from .train import sft_config
-
-    base = sft_config(recipe, output_dir, has_val, stage, report_to).to_dict()
-    keep = {"output_dir", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-            "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_grad_norm", "optim",
-            "seed", "data_seed", "logging_steps", "save_strategy", "save_steps", "save_total_limit", "eval_strategy", "eval_steps",
-            "gradient_checkpointing", "bf16", "fp16", "use_cpu", "report_to", "logging_nan_inf_filter", "run_name",
-            "dataloader_num_workers", "disable_tqdm", "save_only_model", "ddp_find_unused_parameters"}
-    out = {k: v for k, v in base.items() if k in keep}
-    out["max_length"] = recipe.data.max_length
-    return out
-
-
 def _orpo():
     """trl's ORPO lives in trl.experimental, which warns at import; the stage is ours to keep working (tests cover it)."""
     import os
@@ -163,7 +149,13 @@ def _orpo():
 
 
 def make_config(recipe: Recipe, stage: str, output_dir: Path, has_val: bool, report_to):
-    args = _common_args(recipe, stage, output_dir, has_val, report_to)
+    """The stage's trl config: SFT's TrainingArguments (train.training_args, with this stage's learning settings) and its
+    own; the pair stages cut sequences at data.max_length as SFT does (prepare already dropped longer pairs)."""
+    from .train import training_args
+
+    args = training_args(recipe, output_dir, has_val, stage, report_to)
+    if stage != "grpo":
+        args["max_length"] = recipe.data.max_length
     if stage == "dpo":
         from trl import DPOConfig
 
@@ -184,7 +176,6 @@ def make_config(recipe: Recipe, stage: str, output_dir: Path, has_val: bool, rep
     # rounded up to a multiple of num_generations (batch 4 with 8 answers per prompt trains on one prompt's 8).
     b = args["per_device_train_batch_size"]
     args["per_device_train_batch_size"] = -(-b // g.num_generations) * g.num_generations
-    args.pop("max_length")
     return GRPOConfig(**args, num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                       temperature=g.temperature, top_p=g.top_p, beta=g.beta, reward_weights=g.reward_weights,
                       remove_unused_columns=False, log_completions=False)

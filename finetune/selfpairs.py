@@ -30,6 +30,7 @@ from data_prep.synth.journal import Journal
 
 from .answers import equivalent, extract
 from .run import RunDir, read_jsonl
+from .stages import digest
 
 log = logging.getLogger("finetune")
 
@@ -153,7 +154,7 @@ def make_pairs(run_dir: Path, out: Path, *, k: int = 4, method: str = "auto", te
     rows = read_jsonl(run.rows("sft", split))
     if limit is not None:
         rows = rows[:limit]
-    config = {"kind": "pairs", "run": str(run.root.resolve()), "adapter_sha256": _digest(run.adapter / "adapter_model.safetensors"),
+    config = {"kind": "pairs", "run": str(run.root.resolve()), "adapter_sha256": digest(run.adapter / "adapter_model.safetensors"),
               "k": k, "method": method, "split": split, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
               "seed": seed, "gold_if_none": gold_if_none, "teacher": getattr(teacher, "name", None)}
     journal = Journal(out, config)
@@ -204,8 +205,3 @@ def make_pairs(run_dir: Path, out: Path, *, k: int = 4, method: str = "auto", te
 def _unit(row: dict[str, Any]) -> str:
     return hashlib.sha256(f"{row.get('id')}\0{row.get('prompt')}".encode()).hexdigest()[:16]
 
-
-def _digest(path: Path) -> str:
-    from .run import sha256_file
-
-    return sha256_file(path) if path.exists() else "missing"

@@ -238,9 +238,21 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
     from trl import SFTConfig
 
     t, max_length, packing = stage_settings(recipe, stage)
+    return SFTConfig(
+        **training_args(recipe, output_dir, has_val, stage, report_to),
+        max_length=max_length,
+        packing=packing,
+        train_sampling_strategy="group_by_length" if t.group_by_length and not packing else "random",
+    )
+
+
+def training_args(recipe: Recipe, output_dir: Path, has_val: bool, stage: str, report_to: list[str] | None = None) -> dict[str, Any]:
+    """The TrainingArguments every stage's trl config takes (SFT's here, the stages after it in preference.py): the
+    stage's learning settings, checkpoints, precision, logging, the distributed strategy."""
+    t = stage_settings(recipe, stage)[0]
     on_gpu = device() == "cuda"
     bf16 = on_gpu and recipe.quantization.compute_dtype == "bfloat16"
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -261,9 +273,6 @@ def sft_config(recipe: Recipe, output_dir: Path, has_val: bool, stage: str = "sf
         save_total_limit=None,  # rotation is ours (Checkpoints callback), over COMPLETE checkpoints only
         eval_strategy="steps" if (t.eval_steps and has_val) else "no",
         eval_steps=t.eval_steps,
-        max_length=max_length,
-        packing=packing,
-        train_sampling_strategy="group_by_length" if t.group_by_length and not packing else "random",
         gradient_checkpointing=t.activation_checkpointing,
         bf16=bf16,
         fp16=on_gpu and recipe.quantization.compute_dtype == "float16",
