@@ -78,6 +78,11 @@ class TrainingSummary(Artifact):
     preflight: dict[str, Any] | None = Field(None, description="What the preflight checked on the real batches (sft only).")
     continued_from: Literal["cpt", "sft"] | None = Field(None, description="cpt when SFT started from the CPT adapter; sft for the stages after it.")
     reference: dict[str, Any] | None = Field(None, description="dpo, kto (and grpo with a KL term): the reference check (preference.check_reference).")
+    method: Literal["lora", "block_expansion"] = Field("lora", description="training.method.")
+    expansion: dict[str, Any] | None = Field(None, description="block_expansion: layers before and after, the new blocks' indices, and the "
+                                             "identity check (max |expanded - original| logit before training).")
+    vocabulary: dict[str, Any] | None = Field(None, description="An extended vocabulary: embedding rows, how many new rows were "
+                                              "initialised by subword mean and how many by mean_resizing, tied or not (vocab.fit).")
 
 
 class MergeCheck(Artifact):

@@ -45,8 +45,10 @@ def load_run_model(run_dir: Path, use: str = "auto"):
         model.eval()
         return model, tok, recipe
     sys.stderr.write("[finetune] model: the base as trained with the adapter\n")
-    tok = load_tokenizer(recipe.base_model.id, recipe)
-    model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
+    from . import runbase
+
+    tok = runbase.tokenizer(recipe, run)
+    model = runbase.load(recipe, run, quantized=recipe.quantization.bits != 16)[0]
     model = PeftModel.from_pretrained(model, str(run.final_adapter(recipe.stages)))
     model.eval()
     return model, tok, recipe

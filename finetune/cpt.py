@@ -61,21 +61,35 @@ def pack(docs: list[list[int]], block_size: int) -> list[list[int]]:
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
-def build_blocks(recipe: Recipe, recipe_dir: Path, tok, eval_sets: list[tuple[str, list[str]]]) -> tuple[list[list[int]], list[list[int]], dict[str, Any]]:
+class Documents:
+    """The CPT sources' documents after cleaning, by source (text), with data_prep's record of what was read and removed."""
+
+    def __init__(self, texts: list[list[str]], got):
+        self.texts, self.got = texts, got
+
+
+def collect_documents(recipe: Recipe, recipe_dir: Path, eval_sets: list[tuple[str, list[str]]]) -> Documents:
     cpt = recipe.cpt
     assert cpt is not None
     sources = [Source(**s.model_dump(exclude={"weight"})) for s in cpt.sources]
     # Documents are never "overlong": the length check is off (max_length huge) and long documents span several blocks.
     spec = DataSpec(sources=sources, quality=recipe.data.quality, max_length=10**12, overlong="truncate", min_rows=1)
     got = collect(spec, recipe_dir, eval_sets=eval_sets)
-    by_source: list[list[list[int]]] = [[] for _ in sources]
+    texts: list[list[str]] = [[] for _ in sources]
     index = {s.origin: i for i, s in enumerate(sources)}
     for row in got.rows:
-        by_source[index[row["_source"]]].append(_tokens(tok, row["text"]))
-    if not by_source[0]:
+        texts[index[row["_source"]]].append(row["text"])
+    if not texts[0]:
         raise DataError(f"cpt.sources[0] {sources[0].origin}: no usable documents after cleaning")
-    docs, counts = mix(by_source, [s.weight for s in cpt.sources], recipe.training.seed)
-    blocks = pack(docs, cpt.block_size)
+    return Documents(texts, got)
+
+
+def build_blocks(recipe: Recipe, docs: Documents, tok) -> tuple[list[list[int]], list[list[int]], dict[str, Any]]:
+    cpt = recipe.cpt
+    assert cpt is not None
+    by_source = [[_tokens(tok, t) for t in texts] for texts in docs.texts]
+    docs_, counts = mix(by_source, [s.weight for s in cpt.sources], recipe.training.seed)
+    blocks = pack(docs_, cpt.block_size)
     if not blocks:
         raise DataError(f"cpt: {sum(counts)} tokens in all, fewer than one block of {cpt.block_size}")
     n_val = int(len(blocks) * cpt.val_fraction)
@@ -87,6 +101,6 @@ def build_blocks(recipe: Recipe, recipe_dir: Path, tok, eval_sets: list[tuple[st
             "dropped_tail_tokens": total - len(blocks) * cpt.block_size,
             "mix": [{"source": s.origin if s.hub else Path(s.path or "").name, "weight": s.weight, "license": s.license, "documents": len(d),
                      "tokens": c, "share": round(c / total, 4) if total else 0.0} for s, d, c in zip(cpt.sources, by_source, counts)],
-            "sources": got.sources, "rejected": len(got.rejects)}
+            "sources": docs.got.sources, "rejected": len(docs.got.rejects)}
     log.info("cpt data: %d documents, %d tokens -> %d train + %d val blocks of %d", sum(map(len, by_source)), total, len(train), len(val), cpt.block_size)
     return train, val, prov

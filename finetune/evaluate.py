@@ -25,27 +25,48 @@ from .tasks import EvalTask, Item, load_items
 log = logging.getLogger("finetune")
 
 
-def heldout_suite(run: RunDir) -> tuple[EvalTask, list[Item]] | None:
-    """The validation split, already tokenised by prepare: response loss exactly as training measured it."""
+def heldout_suite(run: RunDir, recipe: Recipe | None = None, tok=None) -> tuple[EvalTask, list[Item]] | None:
+    """The validation split, already tokenised by prepare: response loss exactly as training measured it. With `tok`
+    (the base's tokenizer, when the run extended the vocabulary) the rows are encoded again with it, by the same template."""
     path = run.data / "val.jsonl"
     rows = read_jsonl(path)
     if not rows:
         return None
     task = EvalTask(name="heldout", type="perplexity", path=str(path))
-    return task, [Item(id=str(r.get("id", i)), prompt="", gold=None, encoded={"input_ids": r["input_ids"], "labels": r["labels"]},
-                  row=i + 1)
-                  for i, r in enumerate(rows)]
+    enc = None
+    if tok is not None:
+        from .templates import row_encoder
+
+        enc = row_encoder(tok, recipe.data.template, recipe.data.system_prompt)
+
+    def encoded(r: dict) -> dict[str, Any]:
+        e = enc(r) if enc is not None else None
+        ids, labels = (e.input_ids, e.labels) if e is not None else (r["input_ids"], r["labels"])
+        return {"input_ids": ids, "labels": labels, "bytes": len(r.get("completion", "").encode("utf-8"))}
+
+    return task, [Item(id=str(r.get("id", i)), prompt="", gold=None, encoded=encoded(r), row=i + 1) for i, r in enumerate(rows)]
 
 
 def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_size: int, template: str | None,
-                 with_adapter: bool, throughput: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
+                 with_adapter: bool, throughput: dict[str, Any] | None = None,
+                 base: tuple[Any, Any, list[tuple[EvalTask, list[Item]]]] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
     """Every task for the base (adapter off) and, when there is an adapter, the tuned model. `throughput` gets each
-    model's tokens processed and seconds."""
+    model's tokens processed and seconds. `base`: (model, tokenizer, suites) of a base scored on its own, when the tuned
+    model reads another vocabulary (the suites then differ only in how the held-out rows are tokenised)."""
     from .lm import HFLM
 
     per_item: dict[str, dict[str, list[dict]]] = {t.name: {} for t, _ in suites}
     speed = throughput if throughput is not None else {}
-    if with_adapter:
+    if base is not None:
+        lm = HFLM(base[0], base[1], batch_size, desc="base")
+        for task, items in base[2]:
+            per_item[task.name]["base"] = score_items(lm, task, items, template)
+        speed["base"] = lm.throughput()
+        lm = HFLM(model, tok, batch_size, desc="tuned")
+        for task, items in suites:
+            per_item[task.name]["tuned"] = score_items(lm, task, items, template)
+        speed["tuned"] = lm.throughput()
+    elif with_adapter:
         with model.disable_adapter():
             lm = HFLM(model, tok, batch_size, desc="base")
             for task, items in suites:
@@ -71,9 +92,14 @@ def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_si
 def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     from peft import PeftModel
 
+    from . import runbase
     from .models import load_model, load_tokenizer
 
-    tok = load_tokenizer(recipe.base_model.id, recipe)
+    tok = runbase.tokenizer(recipe, run)
+    quantized = recipe.quantization.bits != 16
+    # An extended vocabulary (vocab.py): the base is scored as it is, with its own tokenizer, on the same text; perplexity
+    # per token means different things for the two, so those tasks compare bits per byte.
+    other_vocab = runbase.extended(run)
     suites = []
     if recipe.eval.heldout and (held := heldout_suite(run)) is not None:
         suites.append(held)
@@ -81,12 +107,19 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     for task in recipe.eval.tasks:
         suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt,
                                         info=sampling.setdefault(task.name, {}))))
-    model = load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16)
+    base = None
+    if other_vocab:
+        suites = [(t.model_copy(update={"metric": "bits_per_byte"}) if t.type == "perplexity" else t, items) for t, items in suites]
+        base_tok = load_tokenizer(recipe.base_model.id, recipe)
+        base_suites = [(t, heldout_suite(run, recipe, base_tok)[1] if t.name == "heldout" and recipe.eval.heldout else items) for t, items in suites]
+        base = (load_model(recipe.base_model.id, recipe, quantized=quantized), base_tok, base_suites)
+    model, _ = runbase.load(recipe, run, quantized=quantized)
     final = run.final_adapter(recipe.stages)
     model = PeftModel.from_pretrained(model, str(final))
     throughput: dict[str, Any] = {}
     entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True,
-                                     throughput=throughput)
+                                     throughput=throughput, base=base)
+    base = None
     stage_report: dict[str, Any] = {}
     if final != run.adapter:  # a stage after SFT: the SFT adapter is the middle column, on the same 4-bit base
         from .stage_eval import after_sft_report
@@ -110,7 +143,9 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
             e["sampling"] = sampling[e["name"]]
     for who, t in throughput.items():
         log.info("eval %s: %d tokens in %.1f s (%s tokens/s)", who, t["tokens"], t["seconds"], t["tokens_per_s"])
-    report = {"tasks": entries, "throughput": throughput, "stages": list(recipe.stages), **stage_report}
+    report = {"tasks": entries, "throughput": throughput, "stages": list(recipe.stages), **stage_report,
+              **({"vocabulary": {"base_tokens": len(load_tokenizer(recipe.base_model.id, recipe)), "tuned_tokens": len(tok),
+                                 "compared": "bits_per_byte for perplexity tasks (the tokenizers differ)"}} if other_vocab else {})}
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
     return {"tasks": len(entries), **{f"{e['name']}.{e['metric']}": e["tuned"]["score"] for e in entries}}

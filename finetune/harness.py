@@ -15,7 +15,7 @@ from data_prep.errors import DataError
 
 from . import metrics
 from .answers import equivalent, extract
-from .tasks import METRICS, EvalTask, Item, normalise_label, resolved_template, stops
+from .tasks import LOWER_IS_BETTER, METRICS, EvalTask, Item, normalise_label, resolved_template, stops
 
 log = logging.getLogger("finetune")
 
@@ -66,7 +66,10 @@ def score_items(lm, task: EvalTask, items: list[Item], recipe_template: str | No
             res = lm.nll_encoded([it.encoded for it in items])
         else:
             res = lm.nll([it.segments for it in items])
-        return [{"id": it.id, "row": it.row, "nll": s, "tokens": n} for it, (s, n) in zip(items, res)]
+        # the scored text's UTF-8 bytes: bits per byte compares models whose tokenizers differ (metrics.bits_per_byte)
+        n_bytes = [it.encoded["bytes"] if it.encoded is not None and "bytes" in it.encoded else
+                   sum(len(t.encode("utf-8")) for t, scored in (it.segments or []) if scored) for it in items]
+        return [{"id": it.id, "row": it.row, "nll": s, "tokens": n, **({"bytes": b} if b else {})} for it, (s, n), b in zip(items, res, n_bytes)]
     raise ValueError(task.type)
 
 
@@ -110,7 +113,7 @@ def note_degenerate(entry: dict[str, Any], who: str) -> None:
 def _fmt(x: float, metric: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.3f}" if metric == "perplexity" else f"{100 * x:.1f}"
+    return f"{x:.3f}" if metric in LOWER_IS_BETTER else f"{100 * x:.1f}"
 
 
 def report_markdown(report: dict[str, Any]) -> str:

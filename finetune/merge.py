@@ -22,7 +22,7 @@ from typing import Any
 
 from .artifacts import MergeCheck
 from .errors import StageFailed
-from .models import DTYPES, device, load_model, load_tokenizer
+from .models import DTYPES, device, load_model
 from .moe import fuse_experts
 from .recipe import Recipe
 from .run import RunDir, read_jsonl
@@ -168,20 +168,24 @@ def merge(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from . import runbase
+
     m = recipe.merge
-    tok = load_tokenizer(recipe.base_model.id, recipe)
+    tok = runbase.tokenizer(recipe, run)  # an extended vocabulary travels with the merged model
     ids, mask, labels = probe_batch(run, m.probes, tok.pad_token_id)
     # The model as trained and evaluated: 4-bit base (when the recipe quantizes) + adapter.
     trained_logits = None
     if recipe.quantization.bits != 16:
-        trained = PeftModel.from_pretrained(load_model(recipe.base_model.id, recipe, quantized=True), str(run.final_adapter(recipe.stages)))
+        trained = PeftModel.from_pretrained(runbase.load(recipe, run, quantized=True)[0], str(run.final_adapter(recipe.stages)))
         trained_logits = logits(trained, ids, mask)
         del trained
     # float32 for the comparison: merge arithmetic is exact to ~1e-6 there, so any larger gap is a real defect.
+    # The base as the run trained it: vocabulary grown, blocks expanded (runbase.py), so the merged model has their shapes.
     if m.base == "dequantized_4bit":
         model = dequantized_base(recipe)
+        runbase.reshape(model, recipe, run)
     else:
-        model = load_model(recipe.base_model.id, recipe, quantized=False, dtype=torch.float32)
+        model = runbase.load(recipe, run, quantized=False, dtype=torch.float32)[0]
     base_logits = logits(model, ids, mask)
     model = PeftModel.from_pretrained(model, str(run.final_adapter(recipe.stages)))
     adapter_logits = logits(model, ids, mask)

@@ -43,6 +43,13 @@ def perplexity(nll: Sequence[float], tokens: Sequence[int]) -> float:
     return math.exp(float(np.sum(nll)) / total) if total else float("nan")
 
 
+def bits_per_byte(nll: Sequence[float], n_bytes: Sequence[int]) -> float:
+    """Negative log-likelihood in bits per UTF-8 byte of the scored text: comparable between models whose tokenizers
+    differ (an extended vocabulary, issue 20), where perplexity per token is not."""
+    total = float(np.sum(n_bytes))
+    return float(np.sum(nll)) / math.log(2) / total if total else float("nan")
+
+
 def wilson(k: int, n: int) -> list[float]:
     if n == 0:
         return [float("nan"), float("nan")]
@@ -83,6 +90,10 @@ def statistic(metric: str, items: list[dict]) -> Callable[[np.ndarray], float]:
         nll = np.array([it["nll"] for it in items], dtype=float)
         tok = np.array([it["tokens"] for it in items], dtype=float)
         return lambda idx: perplexity(nll[idx], tok[idx])
+    if metric == "bits_per_byte":
+        nll = np.array([it["nll"] for it in items], dtype=float)
+        nb = np.array([it.get("bytes", float("nan")) for it in items], dtype=float)
+        return lambda idx: bits_per_byte(nll[idx], nb[idx])
     raise ValueError(f"unknown metric {metric!r}")
 
 
@@ -95,7 +106,7 @@ def score(metric: str, items: list[dict], seed: int = 0) -> dict:
         k = round(value * n) if n else 0
         return {"score": value, "ci95": wilson(k, n), "correct": k}
     out = {"score": value, "ci95": bootstrap(stat, n, seed)}
-    if metric == "perplexity":
+    if metric in ("perplexity", "bits_per_byte"):
         tokens = sum(it["tokens"] for it in items)
         out.update(loss=sum(it["nll"] for it in items) / tokens if tokens else float("nan"), tokens=int(tokens))
     return out

@@ -58,16 +58,23 @@ def decontamination_sets(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, li
 
 def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: str | None = None) -> dict[str, Any]:
     d = recipe.data
-    enc = row_encoder(tok, d.template, d.system_prompt)
-    token_len = None if d.overlong == "truncate" else (lambda r: len(enc(r).input_ids))
     eval_sets = decontamination_sets(recipe, recipe_dir)
+    cpt = vocabulary = None
+    base_tok = tok
     try:
-        got = collect(d, recipe_dir, eval_sets=eval_sets, token_len=token_len)
-        cpt = None
         if "cpt" in recipe.stages:
-            from .cpt import build_blocks
+            from .cpt import build_blocks, collect_documents
 
-            cpt = build_blocks(recipe, recipe_dir, tok, eval_sets)
+            docs = collect_documents(recipe, recipe_dir, eval_sets)
+            if recipe.cpt.vocabulary is not None:  # every later tokenisation (CPT blocks, SFT rows, pairs) uses the extended one
+                from . import vocab
+
+                tok, vocab_report, new_tokens = vocab.build(recipe, recipe_dir, tok, docs.texts)
+                vocabulary = (tok, vocab_report, new_tokens)
+            cpt = build_blocks(recipe, docs, tok)
+        enc = row_encoder(tok, d.template, d.system_prompt)
+        token_len = None if d.overlong == "truncate" else (lambda r: len(enc(r).input_ids))
+        got = collect(d, recipe_dir, eval_sets=eval_sets, token_len=token_len)
     except RejectRateExceeded as e:
         run.logs.mkdir(parents=True, exist_ok=True)
         kept = run.logs / "prepare-rejects.jsonl"
@@ -109,6 +116,13 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: 
         write_jsonl(tmp / "val.jsonl", val)
         write_jsonl(tmp / "rejects.jsonl", rejects + (pairs[2] if pairs else []))
         prov = write_docs(tmp, recipe.name, got, stats)
+        if vocabulary is not None:
+            from . import vocab
+
+            vocab.save(tmp / "tokenizer", vocabulary[0], vocabulary[2])
+            prov["vocabulary"] = {**vocabulary[1], "tokens_per_byte_sft": {
+                "before": round(vocab.tokens_per_byte(base_tok, [r["prompt"] + r["completion"] for r in train]), 4),
+                "after": round(vocab.tokens_per_byte(tok, [r["prompt"] + r["completion"] for r in train]), 4)}}
         if cpt is not None:
             train_blocks, val_blocks, prov["cpt"] = cpt
             write_jsonl(tmp / run.rows("cpt", "train").name, [{"input_ids": b} for b in train_blocks])
@@ -118,7 +132,7 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: 
                 write_jsonl(tmp / run.rows(stage, "train").name, built[0])
                 write_jsonl(tmp / run.rows(stage, "val").name, built[1])
                 prov["preference" if stage != "grpo" else "grpo"] = built[-1]
-        if cpt is not None or pairs is not None or grpo is not None:
+        if cpt is not None or pairs is not None or grpo is not None or vocabulary is not None:
             write_json(tmp / "provenance.json", prov)
             (tmp / "datacard.md").write_text(datacard(recipe.name, prov) + "\n".join(datacard_lines(prov)), encoding="utf-8")
     sup = {k: sum(sum(1 for x in e["labels"] if x != -100) for e in rows) for k, rows in (("train", train), ("val", val))}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_prep.schema import Section, explain
 from data_prep.spec import DataSpec, Source, resolve_path  # noqa: F401  (the data section is data_prep's schema)
@@ -98,6 +98,12 @@ class LoraSpec(Section):
 
 class TrainingSpec(Section):
     """Optimisation settings, named as in transformers' TrainingArguments."""
+
+    method: Literal["lora", "block_expansion"] = Field(
+        "lora", description="`lora`: an adapter on the base's linear layers (QLoRA when `quantization.bits` is 4). `block_expansion`: "
+        "Llama Pro (Wu et al., ACL 2024): copies of every (L/N)-th decoder block inserted as identities (`expand:`), and only "
+        "those trained, the original blocks frozen; needs `quantization.bits: 16`.",
+    )
 
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set (ignored when `max_steps` > 0).")
     max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
@@ -325,6 +331,56 @@ class CptSpec(Section):
     max_steps: Steps = Field(-1, description="Total optimizer steps; -1 means derive from `num_train_epochs`.")
 
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (BioMistral CPT: 0.01).")
+    vocabulary: VocabularySpec | None = Field(
+        None, description="Extend the base tokenizer before CPT (new tokens learned from the corpus or listed), for a language or notation "
+        "the base splits badly; turns `train_embeddings` on. null: the base tokenizer as it is.",
+    )
+
+
+class VocabularySpec(Section):
+    """Vocabulary extension before continued pretraining (ELYZA's Japanese Llama 2, Chinese-LLaMA): new tokens added to the base
+    tokenizer (no existing id changes), embeddings and lm_head resized, each new row initialised as the mean of the rows of the
+    pieces the old tokenizer split the token into, and both trained in the CPT stage (and kept trainable in SFT). Give `add`
+    (tokens learned from the corpus with the tokenizers library) or `tokens_file` (your list). See finetune/vocab.py."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False, populate_by_name=True)
+
+    add: int | None = Field(
+        None, ge=1, le=200_000, description="Tokens to learn from the corpus: a BPE of the base tokenizer's kind is trained on it and its "
+        "most frequent new tokens (those the base splits into two or more pieces) are added, in merge order. ELYZA added ~13k "
+        "Japanese tokens to Llama 2's 32k; a few hundred to a few thousand suit a small corpus.",
+    )
+    tokens_file: str | None = Field(
+        None, description="A UTF-8 text file, one token per line (relative to the recipe file), added as given, in order; lines that "
+        "are empty or already one token are skipped.")
+    from_: Literal["corpus", "mix"] = Field(
+        "corpus", alias="from", description="What `add` learns from: `corpus`, the first of `cpt.sources` (the domain corpus), or "
+        "`mix`, every CPT source as mixed.",
+    )
+    min_frequency: int = Field(2, ge=1, description="A learned token must occur at least this often in the corpus.")
+    held_out: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of the corpus documents (by content hash) kept out of token learning and used to measure "
+        "tokens per byte before and after (data/provenance.json, the card): the gain on text the new tokens were not learned from.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VocabularySpec:
+        if (self.add is None) == (self.tokens_file is None):
+            raise ValueError("give exactly one of `add` (tokens learned from the corpus) and `tokens_file` (a list of tokens)")
+        return self
+
+
+class ExpandSpec(Section):
+    """Llama Pro block expansion (`training.method: block_expansion`): after every (L/N)-th decoder block a copy of it is inserted
+    with its attention output projection and MLP down projection zeroed, so the expanded model computes exactly what the original
+    did (checked before training: the run refuses to train otherwise). Only the new blocks train. Llama Pro (8.3B) added 8
+    blocks to LLaMA2-7B's 32; Mistral-Pro-8B 8 to Mistral-7B's 32."""
+
+    blocks: int = Field(ge=1, description="N, the blocks to add; must divide the base's layer count L (Llama Pro: 8 for 32 layers).")
+    train: Literal["full", "lora"] = Field(
+        "full", description="`full`: every weight of the new blocks trains (Llama Pro); `lora`: a LoRA (the `lora:` settings) on the new "
+        "blocks' linear layers only.",
+    )
 
 
 def _cpt_source(src: Source) -> Source:
@@ -446,6 +502,7 @@ class Recipe(Section):
         "(verifiable rewards, `grpo:`), which continue the SFT adapter. Each stage is resumable on its own.",
     )
     cpt: CptSpec | None = Field(None, description="Continued pretraining settings (used when `stages` has `cpt`).")
+    expand: ExpandSpec | None = Field(None, description="Block expansion settings (used when `training.method` is `block_expansion`).")
     preference: PreferenceSpec | None = Field(None, description="Preference tuning settings (used when `stages` has dpo, orpo or kto).")
     grpo: GrpoSpec | None = Field(None, description="GRPO settings (used when `stages` has `grpo`).")
 
@@ -474,6 +531,16 @@ class Recipe(Section):
         if "grpo" in self.stages and self.grpo is None:
             raise ValueError("stages has `grpo` but there is no `grpo:` section (rewards: [correctness, boxed_format] ...)")
 
+        if self.training.method == "block_expansion":
+            if self.expand is None:
+                raise ValueError("training.method block_expansion needs an `expand:` section (blocks: N, N dividing the layer count)")
+            if self.quantization.bits != 16:
+                raise ValueError(f"training.method block_expansion trains 16-bit blocks beside frozen 16-bit ones: set quantization.bits: 16 "
+                                 f"(it is {self.quantization.bits})")
+        elif self.expand is not None:
+            raise ValueError("`expand:` is used only with training.method: block_expansion; set it, or remove `expand:`")
+        if self.cpt and self.cpt.vocabulary and "cpt" not in self.stages:
+            raise ValueError("cpt.vocabulary extends the tokenizer for continued pretraining: add `cpt` to stages ([cpt, sft])")
         for s in self.cpt.sources if self.cpt else []:
             _cpt_source(s)
         if any(s.format == "text" for s in self.data.sources):

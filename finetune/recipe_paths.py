@@ -47,6 +47,9 @@ def absolute_paths(data: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
     for loc in [*items("data", "sources"), *items("data", "quality", "decontaminate", "against"), *items("eval", "tasks"),
                 *items("cpt", "sources"), *items("samples", "tasks")]:
         _absolute_location(loc, recipe_dir)
+    vocab = (data.get("cpt") or {}).get("vocabulary") if isinstance(data.get("cpt"), dict) else None
+    if isinstance(vocab, dict) and "tokens_file" in vocab:
+        vocab["tokens_file"] = _absolute(recipe_dir, vocab["tokens_file"])
     samples = data.get("samples")
     if isinstance(samples, dict):
         for key in ("data", "eval"):
@@ -86,4 +89,6 @@ def missing_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
             if few is not None:
                 for key in ("path", "include_ids", "exclude_ids"):
                     check(f"{name}.{i}.fewshot.{key}", getattr(few, key))
+    if cpt_on and recipe.cpt.vocabulary is not None:
+        check("cpt.vocabulary.tokens_file", recipe.cpt.vocabulary.tokens_file)
     return out

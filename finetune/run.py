@@ -72,6 +72,7 @@ class RunDir:
         self.logs = self.root / "logs"
         self.metrics = self.logs / "metrics.jsonl"
         self.base = self.root / "base"  # --smoke: the tiny stand-in model and tokenizer
+        self.tokenizer = self.data / "tokenizer"  # an extended vocabulary (vocab.py), when the recipe has cpt.vocabulary
 
     # ---- the files one stage hands to the next
 

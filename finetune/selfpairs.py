@@ -110,12 +110,12 @@ def model_sampler(run: RunDir, recipe, max_new_tokens: int, temperature: float, 
     import torch
     from peft import PeftModel
 
+    from . import runbase
     from .lm import stop_ids
-    from .models import load_model, load_tokenizer
     from .templates import token_ids
 
-    tok = load_tokenizer(recipe.base_model.id, recipe)
-    model = PeftModel.from_pretrained(load_model(recipe.base_model.id, recipe, quantized=recipe.quantization.bits != 16), str(run.adapter))
+    tok = runbase.tokenizer(recipe, run)
+    model = PeftModel.from_pretrained(runbase.load(recipe, run, quantized=recipe.quantization.bits != 16)[0], str(run.adapter))
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

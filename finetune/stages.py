@@ -88,6 +88,17 @@ def task_files(tasks) -> list[str]:
     return out
 
 
+LATER_FIELDS = ("method", "vocabulary")  # added after runs were fingerprinted: hashed only when set, so those runs stay done
+
+
+def dump(section, exclude: set[str] | None = None) -> dict[str, Any]:
+    d = section.model_dump(exclude=exclude)
+    for k in LATER_FIELDS:
+        if k in d and d[k] == type(section).model_fields[k].default:
+            del d[k]
+    return d
+
+
 def cpt_on(recipe: Recipe) -> bool:
     return "cpt" in recipe.stages
 
@@ -133,7 +144,8 @@ def _prepare_inputs(ctx: Context) -> Inputs:
     src = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
     sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump(include=DECONTAMINATION_FIELDS) for t in r.eval.tasks],
                 "base_model": base_section(ctx), "seed": r.training.seed,
-                "cpt": r.cpt.model_dump(include={"sources", "block_size", "val_fraction"}) if cpt_on(r) else None}
+                "cpt": dump(r.cpt, exclude=set(type(r.cpt).model_fields) - {"sources", "block_size", "val_fraction", "vocabulary"})
+                if cpt_on(r) else None}
     if pref:  # only when there: a recipe without these stages keeps the fingerprint it had
         sections["preference"] = r.preference.model_dump(include={"sources", "val_fraction", "val_max"})
     if r.stages[-1] == "grpo":
@@ -159,26 +171,30 @@ def _prepare_run(ctx: Context, resume_from: Path | None) -> Any:
 def _cpt_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
     own = {"learning_rate", "num_train_epochs", "max_steps", "weight_decay"}  # CPT takes these from `cpt:`, not `training:`
-    sections = {"quantization": r.quantization.model_dump(), "lora": r.lora.model_dump(), "cpt": r.cpt.model_dump(),
-                "training": r.training.model_dump(exclude=own), "base_model": base_section(ctx)}
-    return sections, {**files(run, run.rows("cpt", "train"), run.rows("cpt", "val")), **base_inputs(ctx)}
+    sections = {"quantization": r.quantization.model_dump(), "lora": r.lora.model_dump(), "cpt": dump(r.cpt),
+                "training": dump(r.training, exclude=own), "base_model": base_section(ctx)}
+    if r.expand is not None:
+        sections["expand"] = r.expand.model_dump()
+    return sections, {**files(run, run.rows("cpt", "train"), run.rows("cpt", "val"), run.tokenizer), **base_inputs(ctx)}
 
 
 def _sft_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
-    sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
+    sections = {k: dump(getattr(r, k)) for k in ("quantization", "lora", "training")}
+    if r.expand is not None:  # only when there: recipes without it keep their fingerprints
+        sections["expand"] = r.expand.model_dump()
     start = files(run, run.cpt) if cpt_on(r) else {}
     # the stages up to sft: adding a stage after it (dpo, grpo ...) to a finished run does not retrain SFT
     upto_sft = r.stages[: r.stages.index("sft") + 1]
     return ({**sections, "base_model": base_section(ctx), "max_length": r.data.max_length, "stages": upto_sft},
-            {**files(run, run.rows("sft", "train"), run.rows("sft", "val")), **start, **base_inputs(ctx)})
+            {**files(run, run.rows("sft", "train"), run.rows("sft", "val"), run.tokenizer), **start, **base_inputs(ctx)})
 
 
 def _after_sft_inputs(stage: str) -> Callable[[Context], Inputs]:
     def inputs(ctx: Context) -> Inputs:
         r, run = ctx.recipe, ctx.run
         own = r.grpo if stage == "grpo" else r.preference
-        sections = {k: getattr(r, k).model_dump() for k in ("quantization", "lora", "training")}
+        sections = {k: dump(getattr(r, k)) for k in ("quantization", "lora", "training")}
         sections.update({stage: own.model_dump(exclude={"sources", "val_fraction", "val_max", "max_prompts", "val_prompts"}),
                          "base_model": base_section(ctx), "max_length": r.data.max_length, "template": r.data.template})
         return sections, {**files(run, run.rows(stage, "train"), run.rows(stage, "val"), run.adapter), **base_inputs(ctx)}
@@ -206,9 +222,10 @@ def _trainer(stage: str) -> Callable[[Context, Path | None], Any]:
 
 def _merge_inputs(ctx: Context) -> Inputs:
     r, run = ctx.recipe, ctx.run
-    return ({"merge": r.merge.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump()},
+    return ({"merge": r.merge.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump(),
+             **({"expand": r.expand.model_dump()} if r.expand else {})},
             # probes: the validation rows, topped up from the training rows when there are fewer (merge.probe_rows)
-            {**files(run, final(ctx), run.data / "val.jsonl", run.data / "train.jsonl"), **base_inputs(ctx)})
+            {**files(run, final(ctx), run.data / "val.jsonl", run.data / "train.jsonl", run.tokenizer), **base_inputs(ctx)})
 
 
 def _merge_run(ctx: Context, resume_from: Path | None) -> Any:
@@ -237,7 +254,8 @@ def _eval_inputs(ctx: Context) -> Inputs:
     tasks = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in task_files(r.eval.tasks)}
     return ({"eval": r.eval.model_dump(), "base_model": base_section(ctx), "quantization": r.quantization.model_dump(),
              "template": r.data.template, "system_prompt": r.data.system_prompt},
-            {**files(run, run.adapter, final(ctx), run.data / "val.jsonl", run.rows(r.stages[-1], "val"), run.merged, run.merge_check),
+            {**files(run, run.adapter, final(ctx), run.data / "val.jsonl", run.rows(r.stages[-1], "val"), run.merged, run.merge_check,
+                     run.tokenizer),
              **tasks, **base_inputs(ctx)})
 
 

@@ -40,7 +40,7 @@ METRICS = {
     "multiple_choice": ("accuracy", ("accuracy", "accuracy_norm")),
     "classification": ("balanced_accuracy", ("balanced_accuracy", "accuracy", "macro_f1")),
     "exact_match": ("exact_match", ("exact_match",)),
-    "perplexity": ("perplexity", ("perplexity",)),
+    "perplexity": ("perplexity", ("perplexity", "bits_per_byte")),
 }
 # Fields every row must end up with (after `fields:`), per type. `prompt` placeholders may name any column too.
 REQUIRED = {"multiple_choice": ("question", "answer"), "classification": ("label",), "exact_match": ("question", "answer"), "perplexity": ()}
@@ -129,6 +129,9 @@ class EvalTask(Location):
     @property
     def higher_is_better(self) -> bool:
         return self.type != "perplexity"
+
+
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # metrics shown with decimals and compared as a relative rise
 
 
 class TaskFile(Section):

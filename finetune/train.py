@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from . import checkpoints, distributed, preempt, tracking
 from .artifacts import TrainingSummary
 from .errors import StageFailed
-from .models import check_quantization, device, load_model, lora_targets
+from .models import check_quantization, device, lora_targets
 from .recipe import AFTER_SFT, Recipe
 from .rows import read_rows, token_dataset
 from .run import RunDir, read_jsonl, write_json
@@ -314,22 +314,74 @@ def embedding_modules(model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def with_adapter(model, recipe: Recipe, run: RunDir, stage: str):
+def with_adapter(model, recipe: Recipe, run: RunDir, stage: str, new_blocks: list[int] | None = None):
     """The trainable adapter of a stage: a fresh LoRA, or for SFT after CPT the CPT adapter itself (and its trained
-    embeddings, if any), so one adapter carries both stages."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    embeddings, if any), so one adapter carries both stages. Under block expansion the adapter holds the new blocks
+    (`expand_adapter`)."""
+    from peft import PeftModel, get_peft_model
 
     if stage == "sft" and "cpt" in recipe.stages:
-        return PeftModel.from_pretrained(model, str(run.cpt), is_trainable=True)
-    if stage in AFTER_SFT:  # preference and reward stages continue the SFT adapter (preference.py: the reference is a copy)
-        return PeftModel.from_pretrained(model, str(run.adapter), is_trainable=True)
-    extra = embedding_modules(model) if stage == "cpt" and recipe.cpt.train_embeddings else None
-    lcfg = LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
-        target_modules=lora_targets(model, recipe.lora.target_modules), bias=recipe.lora.bias, task_type="CAUSAL_LM",
-        modules_to_save=extra,
-    )
-    return get_peft_model(model, lcfg)
+        model = PeftModel.from_pretrained(model, str(run.cpt), is_trainable=True)
+    elif stage in AFTER_SFT:  # preference and reward stages continue the SFT adapter (preference.py: the reference is a copy)
+        model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, adapter_config(model, recipe, stage, new_blocks))
+    freeze_anchor(model)
+    return model
+
+
+def adapter_config(model, recipe: Recipe, stage: str, new_blocks: list[int] | None):
+    from peft import LoraConfig
+
+    vocab = stage == "cpt" and recipe.cpt.vocabulary is not None  # new rows must learn: vocab.py
+    extra = embedding_modules(model) if stage == "cpt" and (recipe.cpt.train_embeddings or vocab) else []
+    l = recipe.lora
+    common = dict(lora_dropout=l.lora_dropout, bias=l.bias, task_type="CAUSAL_LM",
+                  # tied input and output embeddings stay one matrix in the adapter, so the merged model (which ties
+                  # them again on load) computes what was trained
+                  ensure_weight_tying=bool(extra) and tied_embeddings(model))
+    if recipe.training.method != "block_expansion":
+        return LoraConfig(r=l.r, lora_alpha=l.lora_alpha, target_modules=lora_targets(model, l.target_modules),
+                          modules_to_save=extra or None, **common)
+    from .runbase import new_block_names
+
+    blocks = new_block_names(model, new_blocks or [])
+    if recipe.expand.train == "lora":  # LoRA on the new blocks' linear layers only; the original blocks get none
+        targets = [n for n in lora_targets(model, "all-linear") if n.startswith(tuple(b + "." for b in blocks))]
+        return LoraConfig(r=l.r, lora_alpha=l.lora_alpha, target_modules=targets, modules_to_save=extra or None, **common)
+    # Full weights of the new blocks: peft's modules_to_save holds a trainable copy of each. peft refuses an adapter with
+    # no LoRA module at all, so a rank-1 LoRA on the first block's down projection anchors it: its B starts at zero and
+    # stays frozen (freeze_anchor), so it adds exactly nothing, in training and in the merge.
+    return LoraConfig(r=1, lora_alpha=1, target_modules=[anchor_module(model, blocks)], modules_to_save=blocks + extra, **common)
+
+
+ANCHOR = "anchor"  # in the adapter config's name: see adapter_config
+
+
+def anchor_module(model, blocks: list[str]) -> str:
+    names = [n for n in lora_targets(model, "all-linear") if not n.startswith(tuple(b + "." for b in blocks))]
+    return next(n for n in names if n.endswith("down_proj"))
+
+
+def freeze_anchor(model) -> int:
+    """Keep the block-expansion anchor LoRA (adapter_config) frozen at zero: peft marks every LoRA weight trainable on load."""
+    cfg = getattr(model, "peft_config", {}).get("default")
+    if cfg is None or not cfg.modules_to_save or cfg.r != 1 or len(cfg.target_modules or ()) != 1:
+        return 0
+    if not any(".layers." in m for m in cfg.modules_to_save):
+        return 0
+    target = next(iter(cfg.target_modules))
+    n = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name and f"{target}.lora_" in name:
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
+def tied_embeddings(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -344,18 +396,27 @@ def _model_with_adapter(recipe: Recipe, run: RunDir, stage: str):
     """The base as the recipe holds it (4-bit under QLoRA, checked), prepared for k-bit training, with this stage's adapter."""
     from peft import prepare_model_for_kbit_training
 
-    from .models import load_tokenizer
+    from . import runbase
 
-    base = recipe.base_model.id
-    tok = load_tokenizer(base, recipe)
-    model = load_model(base, recipe, quantized=recipe.quantization.bits != 16)
+    tok = runbase.tokenizer(recipe, run)
+    probe = identity_probe(run, stage, tok) if recipe.training.method == "block_expansion" else None
+    model, shaped = runbase.load(recipe, run, quantized=recipe.quantization.bits != 16, probe=probe)
     qreport = check_quantization(model, recipe) if recipe.quantization.bits != 16 else None
     if recipe.quantization.bits != 16:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.activation_checkpointing)
-    model = with_adapter(model, recipe, run, stage)
+    model = with_adapter(model, recipe, run, stage, shaped.get("expansion", {}).get("new_blocks"))
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s: LoRA, %d trainable parameters (%.3f%% of %d)", stage, trainable, 100 * trainable / total, total)
-    return tok, model, qreport, trainable, total
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # peft's count includes the frozen anchor
+    log.info("%s: %s, %d trainable parameters (%.3f%% of %d)", stage, recipe.training.method, trainable, 100 * trainable / total, total)
+    return tok, model, qreport, trainable, total, shaped
+
+
+def identity_probe(run: RunDir, stage: str, tok, n: int = 4, width: int = 64):
+    """A few of the stage's own training rows (cut to `width` tokens): what the expanded model must compute as the original did."""
+    from .merge import rows_batch
+
+    rows = read_rows(run.rows("cpt" if stage == "cpt" else "sft", "train"))[:n]
+    return rows_batch([{"input_ids": r["input_ids"][:width]} for r in rows], tok.pad_token_id)[:2]
 
 
 def _clear_or_resume(run: RunDir, stage: str, resume_from: Path | None, work: Path) -> None:
@@ -408,7 +469,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
     import torch
 
     torch.manual_seed(recipe.training.seed)
-    tok, model, qreport, trainable, total = _model_with_adapter(recipe, run, stage)
+    tok, model, qreport, trainable, total, shaped = _model_with_adapter(recipe, run, stage)
     if stage in AFTER_SFT:
         from .preference import stage_datasets
 
@@ -466,7 +527,7 @@ def train(recipe: Recipe, run: RunDir, stage: str = "sft", resume_from: Path | N
         train_runtime_s=round(wall, 3), train_rows=len(train_ds), trainable_params=trainable, total_params=total,
         quantization=qreport.as_dict() if qreport else {"bits": 16}, device=device(), processes=distributed.world_size(),
         resumed_from_step=checkpoints.step_of(resume_from) if resume_from else None, skipped_nonfinite_steps=guard.skipped_steps,
-        masked_batches=guard.masked_batches, preflight=checks, reference=reference,
+        masked_batches=guard.masked_batches, preflight=checks, reference=reference, method=recipe.training.method, **shaped,
         continued_from="cpt" if stage == "sft" and "cpt" in recipe.stages else ("sft" if stage in AFTER_SFT else None))
     with run.staged(run.stage_adapter(stage).name) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])  # not the frozen reference
