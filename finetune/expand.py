@@ -44,3 +44,9 @@ def expand_blocks(model, blocks: int) -> list[int]:
         cfg.layer_types = [t for i, t in enumerate(types) for t in ([t, t] if (i + 1) % group == 0 else [t])]
     cfg.num_hidden_layers = len(out)
     return new
+
+
+def stand_in_blocks(layers: int) -> int:
+    """The blocks to add to a stand-in model of `layers` layers (--smoke, --laptop), whose count the recipe's N need not
+    divide: the divisor of `layers` closest to a quarter of it, Llama Pro's share (8 new blocks on LLaMA2-7B's 32)."""
+    return min((d for d in range(1, layers + 1) if layers % d == 0), key=lambda d: (abs(d - layers / 4), d))

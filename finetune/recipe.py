@@ -373,8 +373,9 @@ class VocabularySpec(Section):
 class ExpandSpec(Section):
     """Llama Pro block expansion (`training.method: block_expansion`): after every (L/N)-th decoder block a copy of it is inserted
     with its attention output projection and MLP down projection zeroed, so the expanded model computes exactly what the original
-    did (checked before training: the run refuses to train otherwise). Only the new blocks train. Llama Pro (8.3B) added 8
-    blocks to LLaMA2-7B's 32; Mistral-Pro-8B 8 to Mistral-7B's 32."""
+    did (checked before training: the run refuses to train otherwise). Only the new blocks train. LLaMA Pro-8B added 8
+    blocks to LLaMA2-7B's 32 (the paper; TencentARC/LLaMA-Pro's scripts/block_expansion.py). `--smoke` and `--laptop` add the
+    divisor of their small model's layer count nearest a quarter of it."""
 
     blocks: int = Field(ge=1, description="N, the blocks to add; must divide the base's layer count L (Llama Pro: 8 for 32 layers).")
     train: Literal["full", "lora"] = Field(

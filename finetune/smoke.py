@@ -91,6 +91,13 @@ def smoke_recipe(recipe: Recipe, recipe_dir: Path, run: RunDir, overrides: list[
         d["preference"].update(max_steps=SMOKE_STEPS // 2, learning_rate=2e-3, warmup_steps=0, val_fraction=0.25, val_max=8)
     if recipe.grpo is not None:
         d["grpo"].update(max_steps=4, learning_rate=2e-3, num_generations=4, max_completion_length=12, val_prompts=4, max_prompts=16)
+    if recipe.expand is not None:  # the stand-in's layer count, not the real base's
+        from .expand import stand_in_blocks
+        from .families import _TINY
+
+        d["expand"]["blocks"] = stand_in_blocks(_TINY["num_hidden_layers"])
+    if recipe.cpt is not None and recipe.cpt.vocabulary is not None and recipe.cpt.vocabulary.add:
+        d["cpt"]["vocabulary"]["add"] = min(recipe.cpt.vocabulary.add, SMOKE_VOCAB // 4)  # sample documents hold a few hundred new tokens at most
     d["merge"].update(enabled=True, probes=4)
     d["publish"].update(to=f"file://{(run.root / 'hub').resolve()}", what=["adapter", "merged"], private=True)
     # A random 100k-parameter model's scores are noise: the regression gate would refuse at random. The licence and
