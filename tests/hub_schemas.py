@@ -38,6 +38,8 @@ def _features(kind: str):
                               "source": {"version_id": s, "type": s, "jurisdiction": s, "source": s, "citation": s, "url": s, "text": s}}),
         "pubmed": Features({"id": s, "title": s, "content": s, "contents": s, "PMID": s}),
         "wikipedia": Features({"id": s, "url": s, "title": s, "text": s}),
+        "dolly_ja": Features({"output": s, "index": s, "category": s, "instruction": s, "input": s}),
+        "metamathqa": Features({"query": s, "response": s, "type": s, "original_question": s}),
     }[kind]
 
 
@@ -53,6 +55,9 @@ DATASETS = {
     ("isaacus/open-australian-legal-qa", None): ("legal_qa", ["train"]),
     ("MedRAG/pubmed", None): ("pubmed", ["train"]),
     ("wikimedia/wikipedia", "20231101.en"): ("wikipedia", ["train"]),
+    ("wikimedia/wikipedia", "20231101.ja"): ("wikipedia", ["train"]),
+    ("kunishou/databricks-dolly-15k-ja", None): ("dolly_ja", ["train"]),
+    ("meta-math/MetaMathQA", None): ("metamathqa", ["train"]),
 }
 MMLU_SPLITS = ["test", "validation", "dev"]
 
@@ -97,6 +102,11 @@ def _row(kind: str, i: int) -> dict:
                            "contents": f"Study {i}. Study {i} measured blood pressure.", "PMID": str(9000 + i)},
         "wikipedia": lambda: {"id": str(i), "url": f"https://en.wikipedia.org/wiki/Item_{i}", "title": f"Item {i}",
                               "text": f"Item {i} is a thing described in an encyclopedia article of our own, number {i}."},
+        "dolly_ja": lambda: {"output": f"答えは{i}です。", "index": str(i), "category": "open_qa", "instruction": f"{i}に一を足すといくつですか。",
+                             "input": ""},
+        "metamathqa": lambda: {"query": f"Ann has {i + 2} apples and eats one. How many are left?",
+                               "response": f"Ann has {i + 2} - 1 = {i + 1} apples left.\nThe answer is: {i + 1}", "type": "GSM_Rephrased",
+                               "original_question": f"Ann has {i + 2} apples; she eats one. How many remain?"},
     }[kind]()
 
 

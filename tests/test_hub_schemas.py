@@ -37,7 +37,7 @@ def hub(tmp_path, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["legal", "medical", "math"])
+@pytest.mark.parametrize("name", ["legal", "medical", "math", "japanese", "math_pro"])
 def test_recipe_data_sources_build_on_their_published_schemas(name, hub):
     from data_prep.build import collect
     from data_prep.sources.load import load_source
@@ -58,7 +58,7 @@ def test_recipe_data_sources_build_on_their_published_schemas(name, hub):
     assert {s.hub for s in recipe.data.sources if s.hub} <= read
 
 
-@pytest.mark.parametrize("name", ["legal", "medical", "math"])
+@pytest.mark.parametrize("name", ["legal", "medical", "math", "japanese", "math_pro"])
 def test_recipe_eval_tasks_load_on_their_published_schemas(name, hub):
     from finetune.recipe import load_recipe
     from finetune.smoke import build_tokenizer
