@@ -153,6 +153,7 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
               f"{summary.global_step} steps, final train loss {summary.train_loss:.4f}",
               f"- template `{recipe.data.template}`, max length {recipe.data.max_length} tokens, seed {t.seed}"]
     lines += stage_lines(recipe, run)
+    lines += model_changes(recipe, run, prov)
     q = summary.quantization
     if q.bits == 4:
         lines.append(f"- 4-bit: {q.quantized_modules} layers, {100 * (q.share_of_block_matmul_weights or 0):.1f}% of block matmul weights")
@@ -186,9 +187,36 @@ def render_card(recipe: Recipe, run: RunDir, base_model_name: str, smoke: bool) 
                       f"{check.merged_vs_trained_max_abs_diff:.3g}"
                       + (" (the 4-bit rounding the adapter was trained with)." if check.base == "original_16bit" else ".")]
     lines += ["", "## Intended use", "", DISCLAIMERS.get(recipe.domain, "Check outputs before relying on them."), "",
-              *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name),
+              *how_to_load(recipe.publish.to, recipe.publish.what, base_model_name, recipe.training.method == "block_expansion"),
               *(run_locally(recipe.publish.to, recipe.name, run) if "gguf" in recipe.publish.what else [])]
     return "\n".join(lines)
+
+
+def model_changes(recipe: Recipe, run: RunDir, prov: dict[str, Any]) -> list[str]:
+    """The vocabulary grown before CPT and the blocks added (issue 20): what changed in the model, with its proofs."""
+    lines = []
+    v = prov.get("vocabulary")
+    if v:
+        tpb, whole = v["tokens_per_byte"], v["tokens_per_byte_corpus"]
+        how = "BPE merges learned from the CPT corpus" if v["how"] == "learned merges" else "tokens listed in cpt.vocabulary.tokens_file"
+        lines += [f"- vocabulary: {v['base_tokens']:,} -> {v['size']:,} tokens ({v['added']:,} {how}); every existing token keeps its id, "
+                  f"and all {v['documents_round_trip']} corpus documents decode back to their text",
+                  f"- tokens per byte on {tpb['documents']} {'held-out ' if tpb['sample'] == 'held_out' else ''}corpus documents: "
+                  f"{tpb['before']:.3f} -> {tpb['after']:.3f} ({100 * (tpb['after'] / tpb['before'] - 1):+.0f}%); whole corpus "
+                  f"{whole['before']:.3f} -> {whole['after']:.3f}; instruction rows {v['tokens_per_byte_sft']['before']:.3f} -> "
+                  f"{v['tokens_per_byte_sft']['after']:.3f}",
+                  "- new embedding and lm_head rows start as the mean of the rows of the pieces the base tokenizer splits them into, "
+                  "and both matrices train whole from CPT on; perplexity tasks compare base and tuned in bits per byte (their "
+                  "tokenizers differ)"]
+    if recipe.training.method == "block_expansion":
+        e = TrainingSummary.read(run.stage_adapter(recipe.stages[0]) / "training_summary.json").expansion or {}
+        layers = e.get("layers", {})
+        lines += [f"- block expansion (LLaMA Pro): {layers.get('before')} -> {layers.get('after')} decoder blocks; the copies at "
+                  f"{e.get('new_blocks')} started as identities (largest logit change from inserting them: "
+                  f"{e.get('identity_max_abs_diff', float('nan')):.1e}) and were the only weights trained "
+                  f"({'full weights' if recipe.expand.train == 'full' else 'LoRA on their linear layers'}); the merged model is a plain "
+                  f"{layers.get('after')}-layer model"]
+    return lines
 
 
 def stage_lines(recipe: Recipe, run: RunDir) -> list[str]:
@@ -240,11 +268,13 @@ def repo_name(to: str | None) -> str | None:
     return to.removeprefix("hf://") if to and to.startswith("hf://") else None
 
 
-def how_to_load(to: str | None, what, base: str) -> list[str]:
+def how_to_load(to: str | None, what, base: str, expanded: bool = False) -> list[str]:
     repo = repo_name(to)
     where = f'"{repo}"' if repo else '"path/to/this/folder"'
     lines = ["## How to load", ""] + ([] if repo else ["From the folder holding this card (a copy of the published revision):", ""]) + ["```python"]
-    if "adapter" in what:
+    if "adapter" in what and expanded:
+        lines += [f"# the adapter holds the new blocks of {base} expanded by finetune.expand.expand_blocks: load the merged model"]
+    elif "adapter" in what:
         lines += ["from peft import AutoPeftModelForCausalLM", "",
                   f"model = AutoPeftModelForCausalLM.from_pretrained({where})  # the adapter, on {base}"]
     if "merged" in what:

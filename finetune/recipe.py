@@ -538,6 +538,9 @@ class Recipe(Section):
             if self.quantization.bits != 16:
                 raise ValueError(f"training.method block_expansion trains 16-bit blocks beside frozen 16-bit ones: set quantization.bits: 16 "
                                  f"(it is {self.quantization.bits})")
+            if self.publish.to and "merged" not in self.publish.what:
+                raise ValueError("publish.what: with training.method block_expansion publish `merged` (a plain model with the new "
+                                 "blocks); the adapter alone loads only on a base expanded the same way")
         elif self.expand is not None:
             raise ValueError("`expand:` is used only with training.method: block_expansion; set it, or remove `expand:`")
         if self.cpt and self.cpt.vocabulary and "cpt" not in self.stages:

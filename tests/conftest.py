@@ -47,7 +47,7 @@ def smoke_runs(tmp_path_factory):
 # Fixtures that train a model (a smoke run, an adapter, a two-process run): a test using one, directly or through
 # another fixture, is in the slow tier. `pytest -m "not slow"` is the fast loop (README, "Tests"); tests that start a
 # training from the command line carry @pytest.mark.slow themselves.
-TRAINING_FIXTURES = {"smoke_runs", "cpt_run", "pair", "legal_run", "adapters", "moe_adapters", "legal", "prepared", "reference",
+TRAINING_FIXTURES = {"smoke_runs", "cpt_run", "expanded_run", "ja_run", "pair", "legal_run", "adapters", "moe_adapters", "legal", "prepared", "reference",
                      "tracked_run", "traced", "after_sft_runs", "sft_run", "dpo_sft_done"}
 
 
