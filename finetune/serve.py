@@ -195,6 +195,12 @@ def load_vllm_engine(run_dir: Path, which: str) -> VLLMEngine:
         if which == "tuned":
             from vllm.lora.request import LoRARequest
 
+            from .runbase import extended
+
+            if extended(run) or recipe.training.method == "block_expansion":  # the adapter needs a reshaped base (runbase.py)
+                raise UserError(f"{run_dir}: this run grew the vocabulary or added blocks, which a LoRA on the plain base cannot carry "
+                                "in vLLM; serve its merged model (finetune run completes the merge), or --engine transformers")
+
             rank = next((r for r in VLLM_LORA_RANKS if r >= recipe.lora.r), None)
             if rank is None:
                 raise UserError(f"lora.r {recipe.lora.r} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]}); merge the run, or --engine transformers")

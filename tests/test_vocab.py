@@ -247,3 +247,11 @@ def test_the_published_adapter_loads_with_peft_alone_on_the_grown_vocabulary(ja_
     ids, mask, _ = probe_batch(run, 4, tokenizer(recipe, run).pad_token_id)
     assert int(ids.max()) >= len(AutoTokenizer.from_pretrained(run.base))  # the probes use new tokens
     assert max_diff(logits(theirs, ids, mask), logits(ours, ids, mask), mask) <= 1e-5
+
+
+def test_the_grown_vocabulary_exports_to_gguf_with_the_same_token_ids(ja_run, tmp_path):
+    from finetune.export import export
+
+    got = export(ja_run[0], "gguf", "f16", out=tmp_path / "gguf")
+    check = json.loads(next((tmp_path / "gguf").glob("*.json")).read_text())["files"][got["file"]]
+    assert check["passed"] and check["tokenizer_same_ids"] and check["tokenizer_texts"] >= 4, check["failures"]
