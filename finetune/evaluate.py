@@ -141,6 +141,10 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     for e in entries:
         if e["name"] in sampling:
             e["sampling"] = sampling[e["name"]]
+        if other_vocab and e["type"] == "perplexity":  # per-token perplexity of two vocabularies: not comparable, not shown
+            for col in ("base", "tuned", "sft", "merged"):
+                if isinstance(e.get(col), dict):
+                    e[col].get("metrics", {}).pop("perplexity", None)
     for who, t in throughput.items():
         log.info("eval %s: %d tokens in %.1f s (%s tokens/s)", who, t["tokens"], t["seconds"], t["tokens_per_s"])
     report = {"tasks": entries, "throughput": throughput, "stages": list(recipe.stages), **stage_report,

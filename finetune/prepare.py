@@ -134,7 +134,9 @@ def prepare(recipe: Recipe, recipe_dir: Path, run: RunDir, tok, tokenizer_name: 
                 prov["preference" if stage != "grpo" else "grpo"] = built[-1]
         if cpt is not None or pairs is not None or grpo is not None or vocabulary is not None:
             write_json(tmp / "provenance.json", prov)
-            (tmp / "datacard.md").write_text(datacard(recipe.name, prov) + "\n".join(datacard_lines(prov)), encoding="utf-8")
+            from .vocab import datacard_lines as vocab_lines
+
+            (tmp / "datacard.md").write_text(datacard(recipe.name, prov) + "\n".join(vocab_lines(prov) + datacard_lines(prov)), encoding="utf-8")
     sup = {k: sum(sum(1 for x in e["labels"] if x != -100) for e in rows) for k, rows in (("train", train), ("val", val))}
     log.info("prepare: %d train, %d val, %d rejected (%.1f s)", len(train), len(val), len(rejects), got.seconds)
     return {"rows_read": sum(s["rows_read"] for s in got.sources), "train": prov["splits"]["train"], "val": prov["splits"]["val"],

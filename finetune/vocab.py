@@ -255,7 +255,8 @@ def build(recipe, recipe_dir: Path, tok, docs_by_source: list[list[str]]) -> tup
         "tokens_per_byte": {"sample": "held_out" if held else "corpus", "documents": len(measured),
                             "before": round(tokens_per_byte(tok, measured), 4), "after": round(tokens_per_byte(ext, measured), 4)},
         "tokens_per_byte_corpus": {"before": round(tokens_per_byte(tok, corpus), 4), "after": round(tokens_per_byte(ext, corpus), 4)},
-        **proof, "examples": tokens[:20], "init": "subword_mean",
+        # whole-character tokens for people to read (byte-level BPE also learns pieces of a character's UTF-8 bytes)
+        **proof, "examples": [t for t in tokens if "\ufffd" not in t][:20], "init": "subword_mean",
     }
     log.info("cpt.vocabulary: %d tokens added (%d -> %d); tokens per byte on %d held-out documents %.3f -> %.3f", len(tokens), len(tok),
              len(ext), len(measured), report["tokens_per_byte"]["before"], report["tokens_per_byte"]["after"])
@@ -295,3 +296,17 @@ def fit(model, entries: list[dict[str, Any]], size: int) -> dict[str, Any]:
             if head is not None and not tied:
                 head.weight[e["id"]] = head.weight[idx].float().mean(0).to(head.weight.dtype)
     return {"rows": max(rows, size), "subword_mean": len(entries) - fallback, "mean_resizing": fallback, "tied": tied}
+
+
+def datacard_lines(prov: dict[str, Any]) -> list[str]:
+    """The data card's section on the grown vocabulary (provenance.json `vocabulary`)."""
+    v = prov.get("vocabulary")
+    if not v:
+        return []
+    tpb = v["tokens_per_byte"]
+    return ["## Vocabulary", "", f"The base tokenizer ({v['base_tokens']:,} tokens) grew by {v['added']:,} "
+            f"({'BPE merges learned from' if v['how'] == 'learned merges' else 'tokens listed for'} the CPT corpus) to {v['size']:,}; "
+            f"every existing id is unchanged and all {v['documents_round_trip']} corpus documents decode back to their text "
+            f"(tokenizer in tokenizer/). Tokens per byte on {tpb['documents']} {'held-out ' if tpb['sample'] == 'held_out' else ''}"
+            f"documents {tpb['before']:.3f} -> {tpb['after']:.3f}; whole corpus {v['tokens_per_byte_corpus']['before']:.3f} -> "
+            f"{v['tokens_per_byte_corpus']['after']:.3f}. Lengths above are in tokens of the grown tokenizer.", ""]

@@ -198,6 +198,13 @@ def test_cpt_sft_run_with_a_grown_vocabulary_evaluates_merges_and_publishes(ja_r
     cpt = read_json(run.cpt / "training_summary.json")
     assert cpt["vocabulary"]["rows"] == len(ext) and cpt["vocabulary"]["subword_mean"] == v["added"]
     assert set(read_json(run.adapter / "adapter_config.json")["modules_to_save"]) == {"embed_tokens", "lm_head"}
+    from safetensors.torch import load_file
+
+    after_cpt, after_sft = load_file(run.cpt / "adapter_model.safetensors"), load_file(run.adapter / "adapter_model.safetensors")
+    embeddings = [k for k in after_cpt if "embed_tokens" in k or "lm_head" in k]
+    assert embeddings and all(torch.equal(after_cpt[k], after_sft[k]) for k in embeddings)  # SFT leaves them as CPT trained them
+    assert any(not torch.equal(after_cpt[k], after_sft[k]) for k in after_cpt if "lora_B" in k)  # while the LoRA trained on
+    assert "## Vocabulary" in (run.data / "datacard.md").read_text(encoding="utf-8")
     # eval: the base read with its own tokenizer, the same text, compared per byte
     report = read_json(run.eval / "report.json")
     ppl = [t for t in report["tasks"] if t["type"] == "perplexity"]
