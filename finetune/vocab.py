@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ from .errors import UserError
 log = logging.getLogger("finetune")
 
 NEW_TOKENS = "new_tokens.json"
+# Merges are learned from at most this much text (SentencePiece samples its input the same way): enough for tens of
+# thousands of merges, and learning stays in minutes and a few GB for a corpus of any size. The proofs and the tokens
+# per byte still read every document.
+LEARN_BYTES = 256 * 2**20
 
 
 def held_out(texts: list[str], share: float) -> tuple[list[str], list[str]]:
@@ -45,6 +50,18 @@ def held_out(texts: list[str], share: float) -> tuple[list[str], list[str]]:
     order = sorted(range(len(texts)), key=lambda i: hashlib.sha256(texts[i].encode("utf-8")).digest())
     held = set(order[: max(1, round(share * len(texts)))])
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def within(texts: list[str], budget: int) -> list[str]:
+    """The documents, in content-hash order, up to `budget` bytes (at least one): what the merges are learned from."""
+    out, used = [], 0
+    for t in sorted(texts, key=lambda t: hashlib.sha256(t.encode("utf-8")).digest()):
+        size = len(t.encode("utf-8"))
+        if out and used + size > budget:
+            break
+        out.append(t)
+        used += size
+    return out
 
 
 def _pieces(tok, text: str) -> list[int]:
@@ -125,24 +142,26 @@ def learn_merges(tok, texts: list[str], n: int, min_frequency: int) -> tuple[Any
         next_id += 1
 
     backend = tok.backend_tokenizer
-    words_text = _words(backend, texts)
+    word_counts = Counter(_words(backend, texts))  # each distinct word is spelled once, however often it occurs
     if model.get("byte_fallback"):  # characters spelled in bytes first: each saves (bytes - 1) tokens wherever it occurs
-        counts: dict[str, int] = {}
-        for w in words_text:
+        counts: Counter[str] = Counter()
+        for w, c in word_counts.items():
             for ch in w:
                 if ch not in vocab:
-                    counts[ch] = counts.get(ch, 0) + 1
+                    counts[ch] += c
         spelled = {ch: [old_ids[u.value] for u in backend.model.tokenize(ch)] for ch, c in counts.items() if c >= min_frequency}
         for ch in sorted(spelled, key=lambda c: (-(counts[c] * (len(spelled[c]) - 1)), c))[:n]:
             if len(spelled[ch]) > 1:
                 add(ch, spelled[ch])
-    words: list[list[str]] = []
+    words: Counter[tuple[str, ...]] = Counter()
     if len(entries) < n:
         model["vocab"] = vocab
         grown = Tokenizer.from_str(json.dumps(spec))  # with the new characters, as the merges will see them
-        words = _units(grown, words_text)
-        if model.get("byte_fallback"):  # a merged "<0xE5><0xBE>" would decode as those characters: bytes stay apart
-            words = [part for w in words for part in _split_at_bytes(w)]
+        for w, c in word_counts.items():
+            spelled_w = _units(grown, [w])[0]
+            # with byte fallback a merged "<0xE5><0xBE>" would decode as those characters: bytes stay apart
+            for part in _split_at_bytes(spelled_w) if model.get("byte_fallback") else [spelled_w]:
+                words[tuple(part)] += c
     if words:
         units = sorted({u for w in words for u in w})
         code = {u: _private(i) for i, u in enumerate(units)}
@@ -151,7 +170,8 @@ def learn_merges(tok, texts: list[str], n: int, min_frequency: int) -> tuple[Any
         # ~1.5x the merges needed: some of them only rebuild a token the base already has (no new row, still a saving)
         trainer = trainers.BpeTrainer(vocab_size=len(units) + int(1.5 * (n - len(entries))) + 50, min_frequency=min_frequency,
                                       initial_alphabet=list(code.values()), limit_alphabet=len(units), show_progress=False)
-        learner.train_from_iterator(("".join(code[u] for u in w) for w in words), trainer)
+        coded = {w: "".join(code[u] for u in w) for w in words}
+        learner.train_from_iterator((coded[w] for w, c in words.items() for _ in range(c)), trainer)
         merges = model["merges"]
         as_text = bool(merges) and isinstance(merges[0], str)
         for m in json.loads(learner.to_str())["model"]["merges"]:
@@ -205,23 +225,25 @@ def check_ids(tok, ext) -> None:
     return ext
 
 
+def _encode_all(tok, texts: list[str]) -> list[list[int]]:
+    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []  # batched: the fast tokenizer runs in parallel
+
+
 def tokens_per_byte(tok, texts: list[str]) -> float:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return sum(len(_pieces(tok, t)) for t in texts) / n_bytes if n_bytes else float("nan")
+    return sum(map(len, _encode_all(tok, texts))) / n_bytes if n_bytes else float("nan")
 
 
 def prove(base, ext, docs: list[str]) -> dict[str, Any]:
     """The proofs at start: every document decodes back to what the base tokenizer gives back, and the corpus gets shorter."""
-    for i, d in enumerate(docs):
-        want = base.decode(_pieces(base, d))
-        got = ext.decode(_pieces(ext, d))
+    old_ids, new_ids = _encode_all(base, docs), _encode_all(ext, docs)
+    for i, (want, got) in enumerate(zip(base.batch_decode(old_ids), ext.batch_decode(new_ids))):
         if got != want:
             at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
             raise DataError(f"cpt.vocabulary: document {i + 1} of the corpus does not decode back to its text with the extended "
                             f"tokenizer (first difference at character {at}: {want[max(0, at - 10):at + 10]!r} became "
                             f"{got[max(0, at - 10):at + 10]!r}); refusing to train")
-    old_n = sum(len(_pieces(base, d)) for d in docs)
-    new_n = sum(len(_pieces(ext, d)) for d in docs)
+    old_n, new_n = sum(map(len, old_ids)), sum(map(len, new_ids))
     if new_n >= old_n:
         raise DataError(f"cpt.vocabulary: the extended tokenizer does not shorten the corpus ({old_n} tokens before, {new_n} after); "
                         "the new tokens do not occur in it")
@@ -236,7 +258,7 @@ def build(recipe, recipe_dir: Path, tok, docs_by_source: list[list[str]]) -> tup
     corpus = docs_by_source[0] if v.from_ == "corpus" else [d for docs in docs_by_source for d in docs]
     learn, held = held_out(corpus, v.held_out)
     if v.add is not None:
-        ext, entries = learn_merges(tok, learn, v.add, v.min_frequency)
+        ext, entries = learn_merges(tok, within(learn, LEARN_BYTES), v.add, v.min_frequency)
         if not entries:
             raise DataError(f"cpt.vocabulary.add: the corpus ({len(learn)} documents) yields no new token (none occurs "
                             f"cpt.vocabulary.min_frequency={v.min_frequency} times)")
@@ -251,7 +273,7 @@ def build(recipe, recipe_dir: Path, tok, docs_by_source: list[list[str]]) -> tup
     report = {
         "base_tokens": len(tok), "added": len(entries), "how": "learned merges" if v.add is not None else "added tokens",
         "size": len(ext), "learned_from": v.from_ if v.add is not None else "tokens_file",
-        "learned_on_documents": len(learn) if v.add is not None else 0,
+        "learned_on_documents": len(within(learn, LEARN_BYTES)) if v.add is not None else 0,
         "tokens_per_byte": {"sample": "held_out" if held else "corpus", "documents": len(measured),
                             "before": round(tokens_per_byte(tok, measured), 4), "after": round(tokens_per_byte(ext, measured), 4)},
         "tokens_per_byte_corpus": {"before": round(tokens_per_byte(tok, corpus), 4), "after": round(tokens_per_byte(ext, corpus), 4)},
