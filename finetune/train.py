@@ -421,7 +421,8 @@ def _model_with_adapter(recipe: Recipe, run: RunDir, stage: str):
     model = with_adapter(model, recipe, run, stage, shaped.get("expansion", {}).get("new_blocks"))
     trainable, total = model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # peft's count includes the frozen anchor
-    log.info("%s: %s, %d trainable parameters (%.3f%% of %d)", stage, recipe.training.method, trainable, 100 * trainable / total, total)
+    how = "LoRA" if recipe.training.method == "lora" else f"block expansion ({recipe.expand.train} new blocks)"
+    log.info("%s: %s, %d trainable parameters (%.3f%% of %d)", stage, how, trainable, 100 * trainable / total, total)
     return tok, model, qreport, trainable, total, shaped
 
 
