@@ -226,8 +226,18 @@ def check_model_dir(path: Path) -> str:
     return "model"
 
 
+def _grown_adapter(adapter: Path, model_dir: str, spec) -> bool:
+    """An adapter saved with a tokenizer longer than its base's: trained on a grown vocabulary (vocab.py)."""
+    if not (adapter / "tokenizer_config.json").is_file():
+        return False
+    from .models import load_tokenizer
+
+    return len(load_tokenizer(str(adapter), spec)) > len(load_tokenizer(model_dir, spec))
+
+
 def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path | None, template: str | None,
                  batch_size: int, max_samples: int | None, bits: int) -> Path:
+    from . import runbase
     from .models import Loader, load_model, load_tokenizer
     from .tasks import load_task_file
 
@@ -263,15 +273,26 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
         tasks = [t.model_copy(update={"template": template}) for t in tasks]
     if max_samples:
         tasks = [t.model_copy(update={"max_samples": min(max_samples, t.max_samples or max_samples)}) for t in tasks]
-    tok = load_tokenizer(model_dir, spec)
+    reshaped = run.recipe.exists() and (runbase.extended(run) or recipe.training.method == "block_expansion")
+    if not reshaped and adapter is not None and _grown_adapter(Path(adapter), model_dir, spec):
+        raise UserError(f"--adapter {adapter}: its tokenizer has more tokens than {model_dir}'s (a grown vocabulary): evaluate the run "
+                        "directory it came from (finetune eval RUN_DIR), or its merged model")
+    tok = runbase.tokenizer(recipe, run) if reshaped else load_tokenizer(model_dir, spec)
     sampling: dict[str, dict[str, Any]] = {}
     suites = [(t, load_items(t, tasks_dir, recipe_template, tok, system_prompt, info=sampling.setdefault(t.name, {}))) for t in tasks]
-    model = load_model(model_dir, spec, quantized=spec.quantization.bits != 16)
+    base = None
+    if reshaped:  # the run's base as trained (vocabulary grown, blocks added: runbase.py)
+        model = runbase.load(recipe, run, quantized=spec.quantization.bits != 16)[0]
+        if runbase.extended(run):  # as in the run's own eval: the base as it is, per byte where the tokenizers differ
+            suites = [(t.model_copy(update={"metric": "bits_per_byte"}) if t.type == "perplexity" else t, items) for t, items in suites]
+            base = (load_model(model_dir, spec, quantized=spec.quantization.bits != 16), load_tokenizer(model_dir, spec), suites)
+    else:
+        model = load_model(model_dir, spec, quantized=spec.quantization.bits != 16)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None)
+    entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None, base=base)
     for e in entries:
         e["sampling"] = sampling.get(e["name"])
     report = {"model": Path(model_dir).name if Path(model_dir).exists() else model_dir,

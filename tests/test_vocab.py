@@ -262,3 +262,19 @@ def test_the_grown_vocabulary_exports_to_gguf_with_the_same_token_ids(ja_run, tm
     got = export(ja_run[0], "gguf", "f16", out=tmp_path / "gguf")
     check = json.loads(next((tmp_path / "gguf").glob("*.json")).read_text())["files"][got["file"]]
     assert check["passed"] and check["tokenizer_same_ids"] and check["tokenizer_texts"] >= 4, check["failures"]
+
+
+def test_finetune_eval_on_the_run_reads_the_grown_vocabulary_and_refuses_the_bare_adapter(ja_run, tmp_path):
+    from finetune.publish import latest_revision
+
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"tasks:\n  - {{name: ja, type: perplexity, path: {RECIPES / 'samples' / 'ja_eval.jsonl'}}}\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "finetune.cli", "eval", str(ja_run[0]), "--tasks", str(tasks), "--out", str(tmp_path / "e")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    task = json.loads((tmp_path / "e" / "report.json").read_text())["tasks"][0]
+    assert task["metric"] == "bits_per_byte" and task["tuned"]["score"] < task["base"]["score"]
+    bare = subprocess.run([sys.executable, "-m", "finetune.cli", "eval", str(ja_run[0] / "base"), "--adapter", str(latest_revision(ja_run[0] / "hub")),
+                           "--tasks", str(tasks), "--out", str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert bare.returncode == 2 and "grown vocabulary" in bare.stderr, bare.stderr[-2000:]
