@@ -328,7 +328,8 @@ def with_adapter(model, recipe: Recipe, run: RunDir, stage: str, new_blocks: lis
         model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=True)
     else:
         model = get_peft_model(model, adapter_config(model, recipe, stage, new_blocks))
-    freeze_anchor(model)
+    if recipe.training.method == "block_expansion" and recipe.expand.train == "full":
+        freeze_anchor(model)
     return model
 
 
@@ -380,9 +381,7 @@ def anchor_module(model, blocks: list[str]) -> str:
 def freeze_anchor(model) -> int:
     """Keep the block-expansion anchor LoRA (adapter_config) frozen at zero: peft marks every LoRA weight trainable on load."""
     cfg = getattr(model, "peft_config", {}).get("default")
-    if cfg is None or not cfg.modules_to_save or cfg.r != 1 or len(cfg.target_modules or ()) != 1:
-        return 0
-    if not any(".layers." in m for m in cfg.modules_to_save):
+    if cfg is None or len(cfg.target_modules or ()) != 1:
         return 0
     target = next(iter(cfg.target_modules))
     n = 0
