@@ -57,30 +57,22 @@ def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_si
 
     per_item: dict[str, dict[str, list[dict]]] = {t.name: {} for t, _ in suites}
     speed = throughput if throughput is not None else {}
+
+    def column(m, t, scored: list[tuple[EvalTask, list[Item]]], who: str, desc: str) -> None:
+        lm = HFLM(m, t, batch_size, desc=desc)
+        for task, items in scored:
+            per_item[task.name][who] = score_items(lm, task, items, template)
+        speed[desc] = lm.throughput()
+
     if base is not None:
-        lm = HFLM(base[0], base[1], batch_size, desc="base")
-        for task, items in base[2]:
-            per_item[task.name]["base"] = score_items(lm, task, items, template)
-        speed["base"] = lm.throughput()
-        lm = HFLM(model, tok, batch_size, desc="tuned")
-        for task, items in suites:
-            per_item[task.name]["tuned"] = score_items(lm, task, items, template)
-        speed["tuned"] = lm.throughput()
+        column(base[0], base[1], base[2], "base", "base")
+        column(model, tok, suites, "tuned", "tuned")
     elif with_adapter:
         with model.disable_adapter():
-            lm = HFLM(model, tok, batch_size, desc="base")
-            for task, items in suites:
-                per_item[task.name]["base"] = score_items(lm, task, items, template)
-            speed["base"] = lm.throughput()
-        lm = HFLM(model, tok, batch_size, desc="tuned")
-        for task, items in suites:
-            per_item[task.name]["tuned"] = score_items(lm, task, items, template)
-        speed["tuned"] = lm.throughput()
+            column(model, tok, suites, "base", "base")
+        column(model, tok, suites, "tuned", "tuned")
     else:
-        lm = HFLM(model, tok, batch_size, desc="model")
-        for task, items in suites:
-            per_item[task.name]["base"] = score_items(lm, task, items, template)
-        speed["model"] = lm.throughput()
+        column(model, tok, suites, "base", "model")
     entries = []
     for task, _ in suites:
         got = per_item[task.name]
