@@ -47,6 +47,20 @@ def heldout_suite(run: RunDir, recipe: Recipe | None = None, tok=None) -> tuple[
     return task, [Item(id=str(r.get("id", i)), prompt="", gold=None, encoded=encoded(r), row=i + 1) for i, r in enumerate(rows)]
 
 
+def per_byte(suites: list[tuple[EvalTask, list[Item]]]) -> list[tuple[EvalTask, list[Item]]]:
+    """Perplexity tasks scored in bits per byte: the comparison when base and tuned read different vocabularies (vocab.py)."""
+    return [(t.model_copy(update={"metric": "bits_per_byte"}) if t.type == "perplexity" else t, items) for t, items in suites]
+
+
+def drop_token_perplexity(entries: list[dict[str, Any]]) -> None:
+    """Per-token perplexity of two vocabularies is not comparable: not shown beside bits per byte."""
+    for e in entries:
+        if e["type"] == "perplexity":
+            for col in ("base", "tuned", "sft", "merged"):
+                if isinstance(e.get(col), dict):
+                    e[col].get("metrics", {}).pop("perplexity", None)
+
+
 def score_suites(model, tok, suites: list[tuple[EvalTask, list[Item]]], batch_size: int, template: str | None,
                  with_adapter: bool, throughput: dict[str, Any] | None = None,
                  base: tuple[Any, Any, list[tuple[EvalTask, list[Item]]]] | None = None) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict]]]]:
@@ -99,9 +113,9 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     for task in recipe.eval.tasks:
         suites.append((task, load_items(task, recipe_dir, recipe.data.template, tok, recipe.data.system_prompt,
                                         info=sampling.setdefault(task.name, {}))))
-    base = None
+    base = base_tok = None
     if other_vocab:
-        suites = [(t.model_copy(update={"metric": "bits_per_byte"}) if t.type == "perplexity" else t, items) for t, items in suites]
+        suites = per_byte(suites)
         base_tok = load_tokenizer(recipe.base_model.id, recipe)
         base_suites = [(t, heldout_suite(run, recipe, base_tok)[1] if t.name == "heldout" and recipe.eval.heldout else items) for t, items in suites]
         base = (load_model(recipe.base_model.id, recipe, quantized=quantized), base_tok, base_suites)
@@ -111,7 +125,7 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     throughput: dict[str, Any] = {}
     entries, per_item = score_suites(model, tok, suites, recipe.eval.batch_size, recipe.data.template, with_adapter=True,
                                      throughput=throughput, base=base)
-    base = None
+    base = None  # the base model's memory goes before the merged model loads
     stage_report: dict[str, Any] = {}
     if final != run.adapter:  # a stage after SFT: the SFT adapter is the middle column, on the same 4-bit base
         from .stage_eval import after_sft_report
@@ -133,14 +147,12 @@ def evaluate(recipe: Recipe, recipe_dir: Path, run: RunDir) -> dict[str, Any]:
     for e in entries:
         if e["name"] in sampling:
             e["sampling"] = sampling[e["name"]]
-        if other_vocab and e["type"] == "perplexity":  # per-token perplexity of two vocabularies: not comparable, not shown
-            for col in ("base", "tuned", "sft", "merged"):
-                if isinstance(e.get(col), dict):
-                    e[col].get("metrics", {}).pop("perplexity", None)
+    if other_vocab:
+        drop_token_perplexity(entries)
     for who, t in throughput.items():
         log.info("eval %s: %d tokens in %.1f s (%s tokens/s)", who, t["tokens"], t["seconds"], t["tokens_per_s"])
     report = {"tasks": entries, "throughput": throughput, "stages": list(recipe.stages), **stage_report,
-              **({"vocabulary": {"base_tokens": len(load_tokenizer(recipe.base_model.id, recipe)), "tuned_tokens": len(tok),
+              **({"vocabulary": {"base_tokens": len(base_tok), "tuned_tokens": len(tok),
                                  "compared": "bits_per_byte for perplexity tasks (the tokenizers differ)"}} if other_vocab else {})}
     with run.staged("eval") as tmp:
         write_report(tmp, report, per_item)
@@ -276,7 +288,7 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
     if reshaped:  # the run's base as trained (vocabulary grown, blocks added: runbase.py)
         model = runbase.load(recipe, run, quantized=spec.quantization.bits != 16)[0]
         if runbase.extended(run):  # as in the run's own eval: the base as it is, per byte where the tokenizers differ
-            suites = [(t.model_copy(update={"metric": "bits_per_byte"}) if t.type == "perplexity" else t, items) for t, items in suites]
+            suites = per_byte(suites)
             base = (load_model(model_dir, spec, quantized=spec.quantization.bits != 16), load_tokenizer(model_dir, spec), suites)
     else:
         model = load_model(model_dir, spec, quantized=spec.quantization.bits != 16)
@@ -287,6 +299,8 @@ def eval_command(target: Path, tasks_file: Path, adapter: Path | None, out: Path
     entries, per_item = score_suites(model, tok, suites, batch_size, recipe_template, with_adapter=adapter is not None, base=base)
     for e in entries:
         e["sampling"] = sampling.get(e["name"])
+    if base is not None:
+        drop_token_perplexity(entries)
     report = {"model": Path(model_dir).name if Path(model_dir).exists() else model_dir,
               "adapter": Path(adapter).name if adapter else None, "tasks": entries}
     mark(Path(out), "eval")

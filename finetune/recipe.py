@@ -340,15 +340,16 @@ class CptSpec(Section):
 class VocabularySpec(Section):
     """Vocabulary extension before continued pretraining (ELYZA's Japanese Llama 2, Chinese-LLaMA): new tokens added to the base
     tokenizer (no existing id changes), embeddings and lm_head resized, each new row initialised as the mean of the rows of the
-    pieces the old tokenizer split the token into, and both trained in the CPT stage (and kept trainable in SFT). Give `add`
+    pieces the old tokenizer split the token into, and both trained in the CPT stage (SFT keeps them as CPT left them). Give `add`
     (tokens learned from the corpus with the tokenizers library) or `tokens_file` (your list). See finetune/vocab.py."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(**Section.model_config, populate_by_name=True)  # `from` is a Python keyword: the field is `from_`
 
     add: int | None = Field(
-        None, ge=1, le=200_000, description="Tokens to learn from the corpus: a BPE of the base tokenizer's kind is trained on it and its "
-        "most frequent new tokens (those the base splits into two or more pieces) are added, in merge order. ELYZA added ~13k "
-        "Japanese tokens to Llama 2's 32k; a few hundred to a few thousand suit a small corpus.",
+        None, ge=1, le=200_000, description="Tokens to learn from the corpus: the base's BPE is continued on it (merges over the base's own "
+        "tokens, most frequent first, appended after the base's merges; characters spelled in bytes first), up to this many new "
+        "tokens, fewer when the corpus has no more that occur `min_frequency` times. ELYZA added ~13k Japanese tokens to Llama 2's "
+        "32k; a few hundred to a few thousand suit a small corpus.",
     )
     tokens_file: str | None = Field(
         None, description="A UTF-8 text file, one token per line (relative to the recipe file), added as given, in order; lines that "

@@ -43,8 +43,7 @@ def reshape(model, recipe: Recipe, run: RunDir, probe=None) -> dict[str, Any]:
         from . import vocab
 
         entries = vocab.new_tokens(run.tokenizer)
-        size = len(tokenizer(recipe, run))
-        info["vocabulary"] = vocab.fit(model, entries, size)
+        info["vocabulary"] = vocab.fit(model, entries, max(e["id"] for e in entries) + 1)  # new ids follow every old one
     if recipe.training.method == "block_expansion":
         from .expand import expand_blocks
         from .merge import logits, max_diff

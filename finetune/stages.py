@@ -141,6 +141,8 @@ def _prepare_inputs(ctx: Context) -> Inputs:
     for s in sources:
         paths += [p for p in (s.path, s.include_ids, s.exclude_ids) if p]
         paths += [v for k, v in s.options.items() if k.endswith("_file") and isinstance(v, str)]
+    if cpt_on(r) and r.cpt.vocabulary is not None and r.cpt.vocabulary.tokens_file:  # the listed tokens prepare adds
+        paths.append(r.cpt.vocabulary.tokens_file)
     src = {p: digest(resolve_path(ctx.recipe_dir, p)) for p in paths}
     sections = {"data": r.data.model_dump(), "eval_tasks": [t.model_dump(include=DECONTAMINATION_FIELDS) for t in r.eval.tasks],
                 "base_model": base_section(ctx), "seed": r.training.seed,

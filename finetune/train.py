@@ -317,7 +317,7 @@ def embedding_modules(model) -> list[str]:
 def with_adapter(model, recipe: Recipe, run: RunDir, stage: str, new_blocks: list[int] | None = None):
     """The trainable adapter of a stage: a fresh LoRA, or for SFT after CPT the CPT adapter itself (and its trained
     embeddings, if any), so one adapter carries both stages. Under block expansion the adapter holds the new blocks
-    (`expand_adapter`)."""
+    (`adapter_config`)."""
     from peft import PeftModel, get_peft_model
 
     if stage == "sft" and "cpt" in recipe.stages:
@@ -338,20 +338,20 @@ def adapter_config(model, recipe: Recipe, stage: str, new_blocks: list[int] | No
 
     vocab = stage == "cpt" and recipe.cpt.vocabulary is not None  # new rows must learn: vocab.py
     extra = embedding_modules(model) if stage == "cpt" and (recipe.cpt.train_embeddings or vocab) else []
-    l = recipe.lora
-    common = dict(lora_dropout=l.lora_dropout, bias=l.bias, task_type="CAUSAL_LM",
+    lora = recipe.lora
+    common = dict(lora_dropout=lora.lora_dropout, bias=lora.bias, task_type="CAUSAL_LM",
                   # tied input and output embeddings stay one matrix in the adapter, so the merged model (which ties
                   # them again on load) computes what was trained
                   ensure_weight_tying=bool(extra) and tied_embeddings(model))
     if recipe.training.method != "block_expansion":
-        return LoraConfig(r=l.r, lora_alpha=l.lora_alpha, target_modules=lora_targets(model, l.target_modules),
+        return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora_targets(model, lora.target_modules),
                           modules_to_save=extra or None, **common)
     from .runbase import new_block_names
 
     blocks = new_block_names(model, new_blocks or [])
     if recipe.expand.train == "lora":  # LoRA on the new blocks' linear layers only; the original blocks get none
         targets = [n for n in lora_targets(model, "all-linear") if n.startswith(tuple(b + "." for b in blocks))]
-        return LoraConfig(r=l.r, lora_alpha=l.lora_alpha, target_modules=targets, modules_to_save=extra or None, **common)
+        return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=targets, modules_to_save=extra or None, **common)
     # Full weights of the new blocks: peft's modules_to_save holds a trainable copy of each. peft refuses an adapter with
     # no LoRA module at all, so a rank-1 LoRA on the first block's down projection anchors it: its B starts at zero and
     # stays frozen (freeze_anchor), so it adds exactly nothing, in training and in the merge.
@@ -427,9 +427,12 @@ def _model_with_adapter(recipe: Recipe, run: RunDir, stage: str):
 
 def identity_probe(run: RunDir, stage: str, tok, n: int = 4, width: int = 64):
     """A few of the stage's own training rows (cut to `width` tokens): what the expanded model must compute as the original did."""
+    from itertools import islice
+
     from .merge import rows_batch
 
-    rows = read_rows(run.rows("cpt" if stage == "cpt" else "sft", "train"))[:n]
+    with open(run.rows("cpt" if stage == "cpt" else "sft", "train"), encoding="utf-8") as f:  # the first rows, not the whole file
+        rows = [json.loads(line) for line in islice(f, n)]
     return rows_batch([{"input_ids": r["input_ids"][:width]} for r in rows], tok.pad_token_id)[:2]
 
 

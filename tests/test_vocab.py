@@ -278,3 +278,18 @@ def test_finetune_eval_on_the_run_reads_the_grown_vocabulary_and_refuses_the_bar
     bare = subprocess.run([sys.executable, "-m", "finetune.cli", "eval", str(ja_run[0] / "base"), "--adapter", str(latest_revision(ja_run[0] / "hub")),
                            "--tasks", str(tasks), "--out", str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert bare.returncode == 2 and "grown vocabulary" in bare.stderr, bare.stderr[-2000:]
+
+
+def test_the_listed_tokens_are_part_of_prepare_fingerprint(tmp_path):
+    """Editing tokens_file reruns prepare (it is read there, like a source file)."""
+    from finetune import stages
+    from finetune.pipeline import make_context
+
+    listed = tmp_path / "tokens.txt"
+    listed.write_text("避難所\n", encoding="utf-8")
+    sets = ["cpt.vocabulary.add=null", f"cpt.vocabulary.tokens_file={listed}"]
+    ctx, _ = make_context(str(RECIPES / "japanese.yaml"), sets, True, str(tmp_path / "run"), [])
+    before = stages.get("prepare").inputs(ctx)[1]
+    listed.write_text("避難所\n防災\n", encoding="utf-8")
+    after = stages.get("prepare").inputs(ctx)[1]
+    assert str(listed) in before and before[str(listed)] != after[str(listed)]
